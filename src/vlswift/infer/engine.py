@@ -1,0 +1,184 @@
+"""Token generation: prefill once, then decode one token at a time against a static KV cache.
+
+The plain path (any device) runs the model eagerly. On CUDA, `decode_step` can be replaced
+by a CUDA-graph replay of the same computation (see ``fast_decode.py``); both write the
+same cache and give the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+
+class StaticKVCache:
+    """Preallocated keys/values [B, H, max_len, D] per layer, filled left to right.
+
+    Implements the two methods the attention layers use (``update``, ``get_seq_length``);
+    ``ntk_alpha`` (per sequence) is set at prefill and reused by the decode steps.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_layers = num_layers
+        self.max_len = max_len
+        self.length = 0
+        self.ntk_alpha: torch.Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        if layer_idx == self.num_layers - 1:
+            self.length = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+@dataclass
+class SamplingConfig:
+    """The generation options swift exposes; defaults = greedy."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    stop_token_ids: list[int] = field(default_factory=lambda: [151645, 151644, 151643])
+
+    @classmethod
+    def from_generation_config(cls, gc, stop_token_ids: list[int] | None = None) -> "SamplingConfig":
+        """Read an HF ``GenerationConfig`` (e.g. ``model.generation_config``)."""
+        temperature = getattr(gc, "temperature", None)
+        do_sample = bool(getattr(gc, "do_sample", False)) and (temperature is None or temperature > 0)
+        cfg = cls(
+            max_new_tokens=getattr(gc, "max_new_tokens", None) or 512,
+            do_sample=do_sample,
+            temperature=temperature if temperature else 1.0,
+            top_k=getattr(gc, "top_k", None) or 0,
+            top_p=getattr(gc, "top_p", None) or 1.0,
+            repetition_penalty=getattr(gc, "repetition_penalty", None) or 1.0,
+            num_beams=getattr(gc, "num_beams", None) or 1,
+        )
+        if stop_token_ids is not None:
+            cfg.stop_token_ids = list(stop_token_ids)
+        return cfg
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token per row from last-position logits [B, V] (HF processor semantics)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        prev = logits.gather(1, seen)
+        prev = torch.where(prev < 0, prev * cfg.repetition_penalty, prev / cfg.repetition_penalty)
+        logits = logits.scatter(1, seen, prev)
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - cfg.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def model_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    prompts: list[list[int]],
+    images: torch.Tensor | None,
+    cfg: SamplingConfig,
+    pad_id: int = 151643,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[list[list[int]]]:
+    """Yield, after each step, the generated ids of every prompt (without the stop token).
+
+    ``images``: all prompts' images in order (prompt 0's first). Rows that stop keep their
+    ids; the loop ends when every row stopped or ``max_new_tokens`` is reached.
+    """
+    if cfg.num_beams > 1:
+        yield from _beam_search(model, prompts, images, cfg, pad_id)
+        return
+    device = model_device(model)
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    b = ids.size(0)
+    cfg_model = model.config
+    cache = StaticKVCache(
+        cfg_model.num_hidden_layers, b, cfg_model.num_attention_heads, ids.size(1) + cfg.max_new_tokens,
+        cfg_model.hidden_size // cfg_model.num_attention_heads, model.dtype, device,
+    )
+    stop = torch.tensor(cfg.stop_token_ids, device=device)
+    out = model(input_ids=ids, images=images, attention_mask=mask, cache=cache, logits_to_keep=1)
+    generated: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    seen = ids
+    for _ in range(cfg.max_new_tokens):
+        token = next_token(out.logits[:, -1], seen, cfg)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        is_stop = torch.isin(token, stop)
+        for i, (t, s, d) in enumerate(zip(token.tolist(), is_stop.tolist(), done.tolist())):
+            if not d and not s:
+                generated[i].append(t)
+        done = done | is_stop
+        yield generated
+        if bool(done.all()) or (should_stop is not None and should_stop()):
+            return
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)
+
+
+def _beam_search(model, prompts, images, cfg: SamplingConfig, pad_id: int) -> Iterator[list[list[int]]]:
+    """Beam search through transformers' ``generate`` (rare in chat; no streaming)."""
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    ids, mask = left_pad(prompts, pad_id)
+    gc = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty, eos_token_id=cfg.stop_token_ids, pad_token_id=pad_id,
+    )
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), images=images, generation_config=gc)
+    rows = []
+    for row in out[:, ids.size(1):].tolist():
+        kept = []
+        for t in row:
+            if t in cfg.stop_token_ids:
+                break
+            kept.append(t)
+        rows.append(kept)
+    yield rows

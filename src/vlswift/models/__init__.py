@@ -1,0 +1,1 @@
+"""Native Qwen-VL: config, vision tower, decoder and checkpoint loading."""
