@@ -123,7 +123,7 @@ def generate_stream(
     pad_id: int = 151643,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[list[list[int]]]:
-    """Yield, after each step, the generated ids of every prompt (without the stop token).
+    """Yield, after each step, the generated ids of every prompt (a row that stopped ends with its stop token).
 
     ``images``: all prompts' images in order (prompt 0's first). Rows that stop keep their
     ids; the loop ends when every row stopped or ``max_new_tokens`` is reached.
@@ -149,8 +149,8 @@ def generate_stream(
         token = next_token(out.logits[:, -1], seen, cfg)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         is_stop = torch.isin(token, stop)
-        for i, (t, s, d) in enumerate(zip(token.tolist(), is_stop.tolist(), done.tolist())):
-            if not d and not s:
+        for i, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
+            if not d:
                 generated[i].append(t)
         done = done | is_stop
         yield generated
@@ -175,10 +175,6 @@ def _beam_search(model, prompts, images, cfg: SamplingConfig, pad_id: int) -> It
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), images=images, generation_config=gc)
     rows = []
     for row in out[:, ids.size(1):].tolist():
-        kept = []
-        for t in row:
-            if t in cfg.stop_token_ids:
-                break
-            kept.append(t)
-        rows.append(kept)
+        stops = [i for i, t in enumerate(row) if t in cfg.stop_token_ids]
+        rows.append(row[: stops[0] + 1] if stops else row)
     yield rows

@@ -202,12 +202,8 @@ def load_pretrained(
 def load_generation_config(model, folder: Path) -> None:
     from transformers import GenerationConfig
 
-    path = folder / "generation_config.json"
-    if path.is_file():
+    if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    # Qwen chat stops at <|im_end|> / <|im_start|> as the official stop-words processor does.
-    model.generation_config.eos_token_id = [151645, 151644, 151643]
-    model.generation_config.pad_token_id = 151643
 
 
 def save_official(model, out_dir: str | Path, torch_dtype: torch.dtype, max_shard_size: str = "5GB",
