@@ -1,0 +1,85 @@
+"""The swift-style Python API on the golden checkpoint: replies equal the official model.chat."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def chat(golden_ckpt):
+    from vlswift import get_default_template_type, get_model_tokenizer, get_template
+
+    model, tokenizer = get_model_tokenizer("qwen-vl-chat", torch.float32, {"device_map": "cpu"},
+                                           model_id_or_path=str(golden_ckpt))
+    model.generation_config.max_new_tokens = 12
+    model.generation_config.do_sample = False
+    return model, get_template(get_default_template_type("qwen-vl-chat"), tokenizer)
+
+
+def test_inference_equals_official_chat(chat, golden_cases, golden_dir, monkeypatch):
+    from vlswift import inference
+
+    model, template = chat
+    monkeypatch.chdir(golden_dir)  # the golden prompts name images relative to this folder
+    for case in golden_cases:
+        response, history = inference(model, template, case["query"], case["history"])
+        assert response == case["chat_response"], case["name"]
+        assert history[-1] == [case["query"], response]
+        assert len(history) == len(case["history"]) + 1
+
+
+def test_stream_ends_with_the_full_reply(chat, golden_cases, golden_dir, monkeypatch):
+    from vlswift import inference_stream
+
+    model, template = chat
+    monkeypatch.chdir(golden_dir)
+    case = next(c for c in golden_cases if c["name"] == "text_zh")
+    parts = [r for r, _ in inference_stream(model, template, case["query"])]
+    assert parts[-1] == case["chat_response"]
+    # The stream only grows and never shows half a multi-byte character. (The final reply, like
+    # the official chat(), drops the last token when max_new_tokens cuts the reply.)
+    streamed = parts[:-1]
+    assert len(streamed) > 3
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))
+    assert all("\ufffd" not in p for p in streamed)
+    assert streamed[-1].strip().startswith(case["chat_response"])
+
+
+def test_model_type_is_checked():
+    from vlswift import get_model_tokenizer
+
+    with pytest.raises(ValueError, match="unknown --model_type 'qwen-vl-plus'"):
+        get_model_tokenizer("qwen-vl-plus")
+
+
+def test_model_type_enum():
+    from vlswift import ModelType
+
+    assert ModelType.qwen_vl_chat == "qwen-vl-chat"
+
+
+def test_device_map_auto_on_cpu(golden_ckpt):
+    from vlswift import get_model_tokenizer
+
+    model, _ = get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "auto"}, model_id_or_path=str(golden_ckpt))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("code", ["import vlswift", "import vlswift.cli; vlswift.cli.main(['--help'])"])
+def test_fast_start(code):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True)  # warm caches
+    best = min(_timed(code, env) for _ in range(3))
+    assert best < 1.0, f"{code!r} took {best:.2f}s"
+
+
+def _timed(code, env):
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    return time.perf_counter() - start
