@@ -109,7 +109,10 @@ def inference_stream(
     for rows in generate_stream(model, [enc["input_ids"]], enc["images"], cfg,
                                 pad_id=template.tokenizer.pad_token_id, should_stop=should_stop):
         ids = rows[0]
-        text = stream_text(template.tokenizer, ids, cfg.stop_token_ids)
+        # One token behind and left-stripped: the final reply drops the newest token when no stop
+        # token came (the qwen template does, like the official chat) and is stripped, so every
+        # partial text stays a prefix of the final one.
+        text = stream_text(template.tokenizer, ids[:-1], cfg.stop_token_ids).lstrip()
         if text != shown:
             shown = text
             yield text, history + [[query, text]]
