@@ -1,0 +1,1 @@
+"""Fine-tuning: dataset files to batches (``data``), arguments, and the ``sft`` recipe."""
