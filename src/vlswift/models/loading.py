@@ -262,4 +262,4 @@ def copy_aux_files(src: Path, dst: Path, names=AUX_FILES[1:]) -> None:
     """Copy tokenizer and generation files that a checkpoint folder needs beside its weights."""
     for name in names:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            shutil.copyfile(src / name, dst / name)

@@ -43,7 +43,7 @@ def make_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if vocab_file is not None:
-        shutil.copy2(vocab_file, out / "qwen.tiktoken")
+        shutil.copyfile(vocab_file, out / "qwen.tiktoken")
         n_ranks = sum(1 for line in Path(vocab_file).read_text().splitlines() if line.strip())
     else:
         n_ranks = write_byte_vocab(out / "qwen.tiktoken")
