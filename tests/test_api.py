@@ -83,3 +83,19 @@ def _timed(code, env):
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     return time.perf_counter() - start
+
+
+def test_old_turns_leave_the_prompt_beyond_max_window_size(chat, golden_dir, monkeypatch):
+    from vlswift.api import encode_within_window
+
+    _, template = chat
+    monkeypatch.chdir(golden_dir)
+    history = [[f"question {i} " * 20, f"answer {i} " * 20] for i in range(6)]
+    full = template.encode("last question", history)["input_ids"]
+    window = len(full) // 2
+    enc = encode_within_window(template, "last question", history, None, window)
+    kept = next(k for k in range(len(history), -1, -1)
+                if len(template.encode("last question", history[len(history) - k:])["input_ids"]) < window)
+    assert 0 < kept < len(history)
+    assert enc["input_ids"] == template.encode("last question", history[len(history) - kept:])["input_ids"]
+    assert encode_within_window(template, "last question", history, None, None)["input_ids"] == full

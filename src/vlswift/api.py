@@ -89,6 +89,19 @@ def stream_text(tokenizer: QWenTokenizer, ids: list[int], stop_ids: list[int]) -
     return text[:-1] if text.endswith("\ufffd") else text
 
 
+def encode_within_window(template, query: str, history: History, system: str | None,
+                         max_window_size: int | None) -> dict:
+    """Encode the prompt, leaving out the oldest history turns while it is longer than
+    ``max_window_size`` tokens (as the official ``chat`` does with its generation config's
+    ``max_window_size``); the history itself is kept whole."""
+    used = history
+    enc = template.encode(query, used, system)
+    while max_window_size and used and len(enc["input_ids"]) >= max_window_size:
+        used = used[1:]
+        enc = template.encode(query, used, system)
+    return enc
+
+
 def inference_stream(
     model,
     template,
@@ -102,7 +115,8 @@ def inference_stream(
     from .infer.engine import generate_stream
 
     history = [list(h) for h in (history or [])]
-    enc = template.encode(query, history, system)
+    gc = generation_config if generation_config is not None else model.generation_config
+    enc = encode_within_window(template, query, history, system, getattr(gc, "max_window_size", None))
     cfg = _sampling_config(model, template, generation_config)
     ids: list[int] = []
     shown = ""
