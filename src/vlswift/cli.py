@@ -55,6 +55,10 @@ def print_error(message: str) -> None:
     Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
 
+def parse_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else click.BOOL.convert(value, None, None)
+
+
 def _list_fields(cls) -> set[str]:
     hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is list}
@@ -74,13 +78,14 @@ def add_dataclass_command(name: str, cls: type, main: Callable[[Any], Any], help
             base = next(a for a in typing.get_args(typ) if a is not type(None))
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "show_default": default not in (None, [])}
         if base is bool:
-            kwargs["click_type"] = click.BOOL
+            # swift style `--flag true|false` rather than a bare flag.
+            kwargs["parser"] = parse_bool
             kwargs["metavar"] = "true|false"
         if typing.get_origin(base) is list:
             base = list[str]
         opt = typer.Option(f"--{f.name}", **kwargs)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[base if base is not bool else bool, opt]))
+                                        annotation=Annotated[base if base is not bool else Any, opt]))
 
     def command(**kwargs: Any) -> None:
         args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
