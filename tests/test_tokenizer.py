@@ -119,3 +119,8 @@ def test_to_list_format_and_boxes() -> None:
     # A half-generated reply: the unclosed tag stays text, a malformed box is skipped.
     assert extract_boxes("<box>(1,2)</box><ref>dog</ref><box>(1,") == []
     assert to_list_format("<ref>dog")[-1] == {"text": "<ref>dog"}
+
+
+def test_ids_of_the_padded_vocabulary_rows_decode_to_nothing(qwen_tokenizer):
+    # config vocab_size is 151936 but the tokenizer has 151860 ids: a model can emit the rest.
+    assert qwen_tokenizer.decode([9707, 151900, 1879]) == "Hello world"

@@ -198,9 +198,10 @@ class QWenTokenizer:
             out.append(self.img_end_id)
             pos = end + 1
         out += ids[pos:]
-        if skip_special_tokens:
-            out = [i for i in out if i < self.eod_id]
-        return self._enc.decode(out, errors=errors or self.errors)
+        # The embedding table is padded past the vocabulary (151936 > 151860); a model can
+        # still generate those ids, which have no text.
+        limit = self.eod_id if skip_special_tokens else self._enc.n_vocab
+        return self._enc.decode([i for i in out if 0 <= i < limit], errors=errors or self.errors)
 
     def to_list_format(self, text: str) -> list[dict[str, str]]:
         """The module's :func:`to_list_format`, also here because the official tokenizer has it."""
