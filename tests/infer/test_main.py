@@ -1,0 +1,98 @@
+"""`vlswift infer` with checkpoints (LoRA, merged, full) and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model_type", "qwen-vl-plus"], "unknown --model_type 'qwen-vl-plus': expected one of qwen-vl-chat, qwen-vl"),
+    (["--ckpt_dir", "{tmp}/output/v0-x/checkpoint-10"], "--ckpt_dir {tmp}/output/v0-x/checkpoint-10: no such folder"),
+    (["--ckpt_dir", "{tmp}", "--load_dataset_config", "true"],
+     "{tmp} is neither a LoRA checkpoint (adapter_config.json) nor a full one (config.json + weights)"),
+])
+def test_bad_input_is_one_line(argv, message, run_cli, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert run_cli(["infer", *argv]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message.format(tmp=tmp_path)}"
+
+
+def test_merge_lora_needs_a_lora_checkpoint(infer_workdir, run_cli, capsys):
+    assert run_cli(["infer", "--ckpt_dir", str(infer_workdir), "--merge_lora", "true"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --merge_lora true: {infer_workdir} is a full checkpoint, "
+                                               "not a LoRA one; drop --merge_lora")
+
+
+def test_load_dataset_config_needs_sft_args(infer_workdir, run_cli, capsys):
+    assert run_cli(["infer", "--ckpt_dir", str(infer_workdir), "--load_dataset_config", "true"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --load_dataset_config: no sft_args.json in {infer_workdir}")
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(golden_ckpt, infer_workdir, tmp_path_factory):
+    """A LoRA checkpoint (random A and B on c_attn) laid out as `vlswift sft` writes it."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlswift.api import get_model_tokenizer
+
+    model, _ = get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
+    run = tmp_path_factory.mktemp("output") / "qwen-vl-chat" / "v0-20260101-000000"
+    ckpt = run / "checkpoint-2"
+    model.save_pretrained(str(ckpt))
+    sft_args = {"model_type": "qwen-vl-chat", "model_id_or_path": str(golden_ckpt), "sft_type": "lora",
+                "system": "You are a LoRA.", "dataset": [str(infer_workdir / "golden.jsonl")], "val_dataset": [],
+                "dataset_seed": 42, "dataset_test_ratio": 0.5, "check_dataset_strategy": "none"}
+    for folder in (run, ckpt):
+        (folder / "sft_args.json").write_text(json.dumps(sft_args))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def lora_rows():
+    return {}
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_with_its_validation_split(lora_ckpt, infer_workdir, golden_model, run_cli, greedy,
+                                                    read_jsonl, lora_rows, tmp_path, capsys, monkeypatch):
+    from vlswift.api import inference
+    from vlswift.train.data import load_dataset, split_dataset
+
+    result = tmp_path / "lora.jsonl"
+    code = run_cli(["infer", "--ckpt_dir", str(lora_ckpt), "--load_dataset_config", "true", "--batch_size", "2",
+                    "--result_path", str(result), *greedy])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"Adapter: LoRA {lora_ckpt}" in err and "System: 'You are a LoRA.'" in err
+    base = json.loads((lora_ckpt / "sft_args.json").read_text())["model_id_or_path"]
+    assert f"Model: qwen-vl-chat from {base} (float32 on cpu)" in err
+    rows = read_jsonl(result)
+    _, val = split_dataset(load_dataset([str(infer_workdir / "golden.jsonl")], "none")[0], 0.5, 42)
+    assert [r["query"] for r in rows] == [s.query for s in val] and len(rows) == 3
+    assert all(r["system"] == "You are a LoRA." for r in rows)
+    # The adapter changes the replies of the base model (given the same system prompt).
+    model, template, gc = golden_model
+    monkeypatch.chdir(infer_workdir)
+    base = [inference(model, template, s.query, s.history, "You are a LoRA.", gc)[0] for s in val]
+    assert [r["response"] for r in rows] != base
+    lora_rows["rows"] = rows
+
+
+@pytest.mark.slow
+def test_merge_lora_gives_the_same_replies(lora_ckpt, run_cli, greedy, read_jsonl, lora_rows, tmp_path, capsys):
+    if "rows" not in lora_rows:
+        pytest.skip("needs test_lora_checkpoint_with_its_validation_split")
+    result = tmp_path / "merged.jsonl"
+    code = run_cli(["infer", "--ckpt_dir", str(lora_ckpt), "--merge_lora", "true", "--load_dataset_config", "true",
+                    "--result_path", str(result), *greedy])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    merged = lora_ckpt.with_name(lora_ckpt.name + "-merged")
+    assert (merged / "config.json").is_file()
+    assert re.search(rf"Adapter: none \(full checkpoint {re.escape(str(merged))}\)", err)
+    assert read_jsonl(result) == lora_rows["rows"]
