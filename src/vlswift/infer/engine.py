@@ -1,8 +1,8 @@
 """Token generation: prefill once, then decode one token at a time against a static KV cache.
 
-The plain path (any device) runs the model eagerly. On CUDA, `decode_step` can be replaced
-by a CUDA-graph replay of the same computation (see ``fast_decode.py``); both write the
-same cache and give the same tokens.
+The plain path (any device) runs the model eagerly, one call per token. On CUDA the decode
+steps are CUDA-graph replays of a fixed-shape step instead (``fast_decode.py``); both write
+the same cache and give the same tokens. ``VLSWIFT_NO_FAST_DECODE=1`` keeps the plain path.
 """
 
 from __future__ import annotations
@@ -13,25 +13,46 @@ from typing import Callable, Iterator
 import torch
 
 
+KV_BUCKET = 128  # decode steps read the cache in steps of this many positions
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class StaticKVCache:
     """Preallocated keys/values [B, H, max_len, D] per layer, filled left to right.
 
-    Implements the two methods the attention layers use (``update``, ``get_seq_length``);
-    ``ntk_alpha`` (per sequence) is set at prefill and reused by the decode steps.
+    Implements what the attention layers use (``update``, ``get_seq_length``,
+    ``read_length``); ``ntk_alpha`` (per sequence) is set at prefill and reused by the decode
+    steps. A one-token step reads the cache up to the next multiple of ``KV_BUCKET`` (the
+    model masks the unfilled part), which is what the CUDA-graph step of ``fast_decode.py``
+    reads too: the two then run attention on identical inputs and give identical bits.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One buffer, so that resetting it is one kernel.
+        self.buffer = torch.zeros((num_layers, 2, batch, heads, max_len, head_dim), dtype=dtype, device=device)
+        self.keys = list(self.buffer[:, 0].unbind(0))
+        self.values = list(self.buffer[:, 1].unbind(0))
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
         self.ntk_alpha: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Empty the cache for a new prompt (zeroed, so stale values never meet a mask)."""
+        self.buffer.zero_()
+        self.length = 0
+        self.ntk_alpha = None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def read_length(self, end: int, new: int) -> int:
+        """How many positions attention reads after writing ``new`` of them up to ``end``."""
+        return min(self.max_len, round_up(end, KV_BUCKET)) if new == 1 else end
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.size(2)
@@ -41,7 +62,8 @@ class StaticKVCache:
         self.values[layer_idx][:, :, start:end] = v
         if layer_idx == self.num_layers - 1:
             self.length = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        read = self.read_length(end, k.size(2))
+        return self.keys[layer_idx][:, :, :read], self.values[layer_idx][:, :, :read]
 
 
 @dataclass
@@ -131,34 +153,71 @@ def generate_stream(
     if cfg.num_beams > 1:
         yield from _beam_search(model, prompts, images, cfg, pad_id)
         return
+    from . import fast_decode
+
     device = model_device(model)
     ids, mask = left_pad(prompts, pad_id)
+    # Without padding the prefill needs no mask: plain causal attention (flash kernels).
+    prefill_mask = None if bool(mask.all()) else mask.to(device)
     ids, mask = ids.to(device), mask.to(device)
     b = ids.size(0)
-    cfg_model = model.config
-    cache = StaticKVCache(
-        cfg_model.num_hidden_layers, b, cfg_model.num_attention_heads, ids.size(1) + cfg.max_new_tokens,
-        cfg_model.hidden_size // cfg_model.num_attention_heads, model.dtype, device,
-    )
+    # Rounded up so that the plain and the fast path lay the cache out alike (and later
+    # prompts can reuse the fast path's graphs).
+    max_len = round_up(ids.size(1) + cfg.max_new_tokens, KV_BUCKET)
+    decoder = fast_decode.decoder_for(model, b, max_len) if fast_decode.wanted(model) else None
+    if decoder is not None:
+        cache = decoder.cache
+    else:
+        cfg_model = model.config
+        cache = StaticKVCache(
+            cfg_model.num_hidden_layers, b, cfg_model.num_attention_heads, max_len,
+            cfg_model.hidden_size // cfg_model.num_attention_heads, model.dtype, device,
+        )
     stop = torch.tensor(cfg.stop_token_ids, device=device)
-    out = model(input_ids=ids, images=images, attention_mask=mask, cache=cache, logits_to_keep=1)
+    logits = model(input_ids=ids, images=images, attention_mask=prefill_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    if decoder is not None:
+        decoder.start(mask)
     generated: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    done_host = [False] * b
     seen = ids
-    for _ in range(cfg.max_new_tokens):
-        token = next_token(out.logits[:, -1], seen, cfg)
+
+    def advance(token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` and pick the next one (queued on the device, no host sync)."""
+        nonlocal seen, mask
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.cat([seen, token[:, None]], dim=1)
+        if decoder is not None:
+            logits = decoder.step(token, ~done)
+        else:
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        return next_token(logits, seen, cfg)
+
+    # On CUDA the next step is queued before this token is handed out (the GPU computes step
+    # n+1 while the host yields token n); on the CPU that would only delay the yield.
+    ahead = device.type == "cuda"
+    host = torch.empty((2, b), dtype=torch.long, pin_memory=ahead)
+    token = next_token(logits, seen, cfg)
+    for step in range(cfg.max_new_tokens):
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        is_stop = torch.isin(token, stop)
-        for i, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
-            if not d:
+        done = done | torch.isin(token, stop)
+        more = step + 1 < cfg.max_new_tokens
+        host.copy_(torch.stack([token, done.long()]), non_blocking=ahead)
+        if ahead:
+            copied = torch.cuda.Event()
+            copied.record()
+            following = advance(token, done) if more else None
+            copied.synchronize()
+        tokens, stopped = host.tolist()
+        for i, t in enumerate(tokens):
+            if not done_host[i]:
                 generated[i].append(t)
-        done = done | is_stop
+        done_host = [bool(x) for x in stopped]
         yield generated
-        if bool(done.all()) or (should_stop is not None and should_stop()):
+        if all(done_host) or (should_stop is not None and should_stop()):
             return
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)
+        token = following if ahead else advance(token, done)
 
 
 def _beam_search(model, prompts, images, cfg: SamplingConfig, pad_id: int) -> Iterator[list[list[int]]]:

@@ -13,19 +13,67 @@ is ``F.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import fused
 from .config import QWenConfig
 from .visual import VisionTransformer
 
 IGNORE_INDEX = -100
+
+# One-query attention (a decode step) on CUDA must run the same deterministic kernel in the
+# plain and in the CUDA-graph step (with cuDNN's the tokens of the two drifted apart on the
+# 9.6B model). "triton": fused.decode_attention (split over key chunks, fills the GPU at
+# batch 1); "sdpa": SDPA restricted to DECODE_SDPA_BACKENDS.
+DECODE_ATTENTION = "triton"
+DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` on a single row may go through the Triton GEMV."""
+    if type(module) is nn.Linear and x.numel() == x.size(-1) and fused.enabled(x) and fused.gemv_wanted():
+        return fused.gemv(x, module.weight, module.bias)
+    return module(x)
+
+
+class RecomputedInBackward(torch.autograd.Function):
+    """``fn(*inputs)`` keeping only its inputs for backward, where ``fn`` is recomputed.
+
+    For cheap element-wise steps (RMSNorm, SwiGLU's gate) whose plain autograd graph would
+    keep float32 or extra intermediates alive: same forward, same gradients, less memory.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (None, *[next(grads) if t.requires_grad else None for t in inputs])
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def swiglu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * F.silu(b)
 
 
 class RMSNorm(nn.Module):
@@ -34,9 +82,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with ``residual`` the pair (x + residual, norm(x + residual))."""
+        if fused.enabled(x):
+            summed, out = fused.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (summed, out)
+        if residual is not None:
+            x = x + residual
+            return x, self.norm(x)
+        return self.norm(x)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x, self.weight):
+            return RecomputedInBackward.apply(self._norm, x, self.weight)
+        return self._norm(x, self.weight)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
 
 
 def ntk_alpha_for_length(length: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -45,14 +108,15 @@ def ntk_alpha_for_length(length: torch.Tensor, seq_length: int) -> torch.Tensor:
     return (2 ** torch.ceil(context) - 1).clamp(min=1)
 
 
-def rotary_cos_sin(
-    positions: torch.Tensor, alpha: torch.Tensor, dim: int, base: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, T, 1, dim] in float32 for positions [B, T] and per-sequence NTK alpha [B]."""
+def rotary_inv_freq(alpha: torch.Tensor, dim: int, base: float, device: torch.device | str) -> torch.Tensor:
+    """Rotary inverse frequencies [B, dim/2] (float32, on ``device``) for per-sequence NTK alpha [B]."""
     ntk_base = (base * alpha.double() ** (dim / (dim - 2))).float()
-    exponent = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
-    inv_freq = ntk_base[:, None].to(positions.device) ** exponent[None]  # [B, dim/2]
-    inv_freq = 1.0 / inv_freq
+    exponent = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
+    return 1.0 / ntk_base[:, None].to(device) ** exponent[None]
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, 1, dim] in float32 for positions [B, T] and inverse frequencies [B, dim/2]."""
     freqs = positions.float()[:, :, None] * inv_freq[:, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
@@ -92,20 +156,31 @@ class QWenAttention(nn.Module):
 
     def forward(self, x, rope: RopeState, mask, cache=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.c_attn(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
-        if rope.logn is not None:
-            q = q * rope.logn.to(q.dtype)
+        qkv = linear(self.c_attn, x)
+        if fused.enabled(qkv) and rope.cos.size(-1) == self.head_dim:
+            fused.rotary_qk_(qkv, self.num_heads, rope.cos, rope.sin, rope.logn)
+            q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+            q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
+            if rope.logn is not None:
+                q = q * rope.logn.to(q.dtype)
+            if needs_grad(v):
+                v = v.contiguous()  # else attention's saved v keeps all of qkv alive for backward
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask if isinstance(mask, torch.Tensor) else None,
-            is_causal=mask == "causal",
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if t == 1 and DECODE_ATTENTION == "triton" and fused.enabled(q):
+            out = fused.decode_attention(q, k, v, mask if isinstance(mask, torch.Tensor) else None)
+        else:
+            with sdpa_kernel(DECODE_SDPA_BACKENDS) if t == 1 and q.is_cuda else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(
+                    q, k, v,
+                    attn_mask=mask if isinstance(mask, torch.Tensor) else None,
+                    is_causal=mask == "causal",
+                    dropout_p=self.dropout if self.training else 0.0,
+                )
+        return linear(self.c_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 class QWenMLP(nn.Module):
@@ -117,7 +192,14 @@ class QWenMLP(nn.Module):
         self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        a, b = linear(self.w1, x), linear(self.w2, x)
+        if fused.enabled(a):
+            gated = fused.silu_mul(a, b)
+        elif needs_grad(a, b):
+            gated = RecomputedInBackward.apply(swiglu_gate, a, b)
+        else:
+            gated = swiglu_gate(a, b)
+        return linear(self.c_proj, gated)
 
 
 class QWenBlock(nn.Module):
@@ -129,8 +211,8 @@ class QWenBlock(nn.Module):
         self.mlp = QWenMLP(config)
 
     def forward(self, x, rope: RopeState, mask, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, mask, cache)
-        return x + self.mlp(self.ln_2(x))
+        x, normed = self.ln_2(self.attn(self.ln_1(x), rope, mask, cache), residual=x)
+        return x + self.mlp(normed)
 
 
 class QWenModel(nn.Module):
@@ -146,6 +228,9 @@ class QWenModel(nn.Module):
         self.visual = VisionTransformer(**config.visual)
         self.rotary_dim = int(config.kv_channels * config.rotary_pct)
         self.gradient_checkpointing = False
+        # How many decoder blocks recompute their activations in backward when checkpointing
+        # is on (the first ones); None = all. Fewer = faster steps, more activation memory.
+        self.checkpoint_layers: int | None = None
 
     def splice_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, images) -> torch.Tensor:
         """Replace the 256 positions inside each ``<img>…</img>`` span by that image's features."""
@@ -174,22 +259,32 @@ class QWenModel(nn.Module):
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None, cache=None):
         b, t = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            x = self.splice_images(input_ids, self.wte(input_ids), images)
-        else:
-            x = self.wte(input_ids)
-        x = self.drop(x)
-
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        # Before the vision tower: the NTK alpha reads prompt lengths on the host, and that
+        # sync is free while the GPU is idle, not after the image encoder was queued.
         rope = self.rope_state(position_ids, attention_mask, cache, past, t)
-        mask = self.attention_mask(attention_mask, past, t, x.device)
+        # A static cache may hand attention more (masked) positions than are filled; see
+        # StaticKVCache.read_length.
+        read_length = getattr(cache, "read_length", None)
+        key_length = read_length(past + t, t) if read_length is not None else past + t
+        mask = self.attention_mask(attention_mask, past, t, input_ids.device, key_length)
 
-        for block in self.h:
-            if self.gradient_checkpointing and self.training:
+        if past == 0:
+            x = self.splice_images(input_ids, self.wte(input_ids), images)
+        else:
+            x = self.wte(input_ids)
+        x = self.drop(x)
+        return self.run_blocks(x, rope, mask, cache)
+
+    def run_blocks(self, x: torch.Tensor, rope: RopeState, mask, cache=None) -> torch.Tensor:
+        """Decoder blocks + final norm on embeddings ``x`` (the fast decode path calls this too)."""
+        checkpointed = len(self.h) if self.checkpoint_layers is None else self.checkpoint_layers
+        for i, block in enumerate(self.h):
+            if self.gradient_checkpointing and self.training and i < checkpointed:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
@@ -211,24 +306,35 @@ class QWenModel(nn.Module):
             alpha = getattr(cache, "ntk_alpha", None)
             if alpha is None:
                 alpha = torch.ones(b, dtype=torch.float64)
-        cos, sin = rotary_cos_sin(position_ids, alpha, self.rotary_dim, cfg.rotary_emb_base)
-        logn = None
-        if cfg.use_logn_attn and not self.training:
-            logn = logn_scale(position_ids, cfg.seq_length)[:, :, None, None]
+        inv_freq = rotary_inv_freq(alpha, self.rotary_dim, cfg.rotary_emb_base, position_ids.device)
+        # logn is 1 for every position < seq_length; multiplying by 1 is exact, so skip it then.
+        with_logn = cfg.use_logn_attn and not self.training and past + t > cfg.seq_length
+        return self.rope_from_inv_freq(position_ids, inv_freq, with_logn)
+
+    def rope_from_inv_freq(self, position_ids: torch.Tensor, inv_freq: torch.Tensor, with_logn: bool) -> RopeState:
+        """Rotary cos/sin (and logn factors) for positions [B, T]; no host sync (graph-safe)."""
+        cos, sin = rotary_cos_sin(position_ids, inv_freq)
+        logn = logn_scale(position_ids, self.config.seq_length)[:, :, None, None] if with_logn else None
         return RopeState(cos, sin, logn)
 
     @staticmethod
-    def attention_mask(attention_mask, past: int, t: int, device):
-        """'causal' for the plain case (lets SDPA pick flash kernels), else a boolean [B,1,T,S] mask."""
+    def attention_mask(attention_mask, past: int, t: int, device, key_length: int | None = None):
+        """'causal' for the plain case (lets SDPA pick flash kernels), else a boolean [B,1,T,S] mask.
+
+        S is ``key_length`` (default past + t); keys past ``past + t`` are masked out.
+        """
         if attention_mask is None and past == 0:
             return "causal"
         s = past + t
         q_idx = torch.arange(past, s, device=device)[:, None]
         allowed = torch.arange(s, device=device)[None, :] <= q_idx  # [T, S]
-        if attention_mask is None:
-            return allowed[None, None]
-        keys = attention_mask[:, -s:].bool().to(device)
-        return allowed[None, None] & keys[:, None, None, :]
+        mask = allowed[None, None]
+        if attention_mask is not None:
+            keys = attention_mask[:, -s:].bool().to(device)
+            mask = mask & keys[:, None, None, :]
+        if key_length is not None and key_length > s:
+            mask = F.pad(mask, (0, key_length - s), value=False)
+        return mask
 
 
 class QWenLMHeadModel(PreTrainedModel, GenerationMixin):
@@ -268,7 +374,12 @@ class QWenLMHeadModel(PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **_) -> None:
-        """Recompute each decoder and ViT block in backward (non-reentrant: works with frozen embeddings)."""
+        """Recompute decoder and ViT blocks in backward (non-reentrant: works with frozen embeddings).
+
+        ``gradient_checkpointing_kwargs={"layers": N}`` recomputes only the first N decoder
+        blocks (the rest keep their activations): faster where memory allows.
+        """
+        self.transformer.checkpoint_layers = (gradient_checkpointing_kwargs or {}).get("layers")
         self.transformer.gradient_checkpointing = True
         self.transformer.visual.transformer.gradient_checkpointing = True
 
