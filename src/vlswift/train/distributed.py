@@ -1,0 +1,278 @@
+"""Several processes: the torchrun re-launch, the process group, DDP / FSDP2 wrapping, data shards.
+
+``NPROC_PER_NODE=N vlswift sft ...`` (or ``NNODES``) re-runs the recipe under ``torchrun`` as
+swift does; the arguments travel as a JSON file, so the Python API re-launches the same way.
+Every process trains on its own shard of each global batch; gradients are averaged by DDP or
+reduce-scattered by FSDP2, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+RESULT_ENV = "VLSWIFT_SFT_RESULT"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+
+
+def torchrun_requested() -> bool:
+    """True when NPROC_PER_NODE/NNODES ask for several processes and we are not one of them yet."""
+    launched = "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    wanted = int(os.environ.get("NPROC_PER_NODE", "1")) * int(os.environ.get("NNODES", "1"))
+    return wanted > 1 and not launched
+
+
+def torchrun_command(args_file: Path) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N [...] -m vlswift.train.recipe ARGS.json``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", os.environ.get("NPROC_PER_NODE", "1")]
+    for env, flag in (("NNODES", "--nnodes"), ("NODE_RANK", "--node_rank"),
+                      ("MASTER_ADDR", "--master_addr"), ("MASTER_PORT", "--master_port")):
+        if os.environ.get(env):
+            cmd += [flag, os.environ[env]]
+    return cmd + ["-m", "vlswift.train.recipe", str(args_file)]
+
+
+def launch_torchrun(args: dict[str, Any]) -> dict[str, Any]:
+    """Run the recipe in ``NPROC_PER_NODE`` processes and return rank 0's result (the API's return value)."""
+    with tempfile.TemporaryDirectory(prefix="vlswift-sft-") as tmp:
+        args_file, result_file = Path(tmp) / "sft_args.json", Path(tmp) / "result.json"
+        args_file.write_text(json.dumps(args))
+        env = {**os.environ, RESULT_ENV: str(result_file)}
+        code = subprocess.call(torchrun_command(args_file), env=env)
+        if code != 0:
+            raise ChildProcessError(f"torchrun exited with status {code} (the processes' errors are above)")
+        # Ranks on other nodes have no result; rank 0's node does.
+        return json.loads(result_file.read_text()) if result_file.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(backend: str | None, device: torch.device, force: bool = False) -> DistInfo:
+    """Join the process group torchrun set up (or stay single-process); pick this rank's device.
+
+    ``force`` makes a one-process group when not under torchrun (FSDP needs one even alone).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if world_size == 1:
+        owns = force and not dist.is_initialized()
+        if owns:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return DistInfo(device=device, owns_group=owns)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return DistInfo(rank, local_rank, world_size, device, owns)
+
+
+def close_distributed(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums of ``values`` over all ranks (the values themselves when single-process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data shards
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """The dataset indices one rank reads in one epoch.
+
+    As ``DistributedSampler``: a shuffle seeded with ``seed + epoch``, padded (by wrapping) to a
+    multiple of the world size, every ``world_size``-th index from ``rank``. So one process with
+    batch size ``B * N`` sees the same global batches as ``N`` processes with batch size ``B``.
+    ``skip`` drops the indices already consumed before a resume.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+                 shuffle: bool = True, skip: int = 0):
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+        padded = -(-n // world_size) * world_size
+        padding = [False] * n + [True] * (padded - n)
+        order = (order * (padded // max(n, 1) + 1))[:padded]
+        self.indices = order[rank::world_size][skip:]
+        self.is_padding = padding[rank::world_size][skip:]  # repeats that only even out the shards
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapping the model
+
+
+def keep_vision_in_every_step(model: nn.Module) -> None:
+    """Run the vision tower on a blank image when a batch has none, adding 0 x its output.
+
+    Under FSDP every rank must all-gather the same blocks in the same order, and under DDP a
+    trainable vision tower must get a gradient on every rank; a rank whose batch is text-only
+    would skip the tower and hang (FSDP) or fail (DDP) the step.
+    """
+    inner = model.transformer
+    size = inner.visual.image_size
+
+    def before(module, args):
+        images = args[1] if len(args) > 1 else None
+        if images is None:
+            weight = module.visual.conv1.weight
+            blank = torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32)
+            module._blank_vision = module.visual(blank)
+
+    def after(module, args, output):
+        blank = module.__dict__.pop("_blank_vision", None)
+        return output if blank is None else output + 0.0 * blank.mean().to(output.dtype)
+
+    inner.register_forward_pre_hook(before)
+    inner.register_forward_hook(after)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def wrap_fsdp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2: each decoder block and vision block is a unit, the rest (embeddings, head) the root.
+
+    Weights, gradients and optimizer state are sharded over the ranks; a block's full weights
+    exist only while it runs. ``fully_shard`` moves the shards to the mesh's device.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models.qwen import QWenBlock
+    from ..models.visual import VisualBlock
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for module in model.modules():
+        if isinstance(module, (QWenBlock, VisualBlock)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP (FSDP2 modules are the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce/reduce-scatter on micro-batches before the last of a step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU (gathered from FSDP shards); {} on other ranks."""
+    if not is_fsdp(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its shard of the optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

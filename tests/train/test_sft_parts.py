@@ -1,0 +1,266 @@
+"""The recipe's parts on their own: LoRA targets, data shards, the schedule, checkpoints, logs, launch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlswift.train import distributed
+from vlswift.train.checkpointing import Checkpoints, find_resume_checkpoint, new_run_dir
+from vlswift.train.lora import apply_lora, resolve_target_modules
+from vlswift.train.recipe import lr_factor
+from vlswift.train.tracking import plot_losses, smooth
+
+
+@pytest.fixture(scope="module")
+def tiny_model(fast_ckpt):
+    from vlswift.models.loading import load_pretrained
+
+    return load_pretrained(fast_ckpt, torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_default_targets_are_the_llm_attention_inputs(tiny_model):
+    assert resolve_target_modules(tiny_model, ["DEFAULT"]) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_all_targets_every_linear_layer_but_the_head(tiny_model):
+    names = resolve_target_modules(tiny_model, ["ALL"])
+    linears = [n for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert names == [n for n in linears if n != "lm_head"]
+    assert "transformer.visual.transformer.resblocks.1.mlp.c_fc" in names  # vision tower
+    assert "transformer.visual.attn_pool.attn.out_proj" in names  # resampler
+    assert "transformer.h.0.mlp.w1" in names
+
+
+def test_explicit_targets_match_by_name_suffix(tiny_model):
+    assert resolve_target_modules(tiny_model, ["w1", "attn.c_proj"]) == [
+        "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.w1", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.w1"]
+    with pytest.raises(ValueError, match="--lora_target_modules q_proj: no linear layer .* c_attn, c_fc, c_proj"):
+        resolve_target_modules(tiny_model, ["q_proj"])
+
+
+def test_lora_model_takes_images_and_trains_only_the_adapter_with_checkpointing(fast_ckpt):
+    """No task_type: the PeftModel passes ``images`` through; non-reentrant checkpointing works
+    with the frozen embeddings and vision tower (no in-place or no-grad errors)."""
+    from vlswift.models.loading import load_pretrained
+    from vlswift.template import get_template
+    from vlswift.tokenizer import QWenTokenizer
+
+    from PIL import Image
+
+    model = load_pretrained(fast_ckpt, torch.float32, "cpu")
+    model.gradient_checkpointing_enable()
+    model = apply_lora(model, resolve_target_modules(model, ["DEFAULT"]), 8, 32, 0.05)
+    model.train()
+    assert model.peft_config["default"].base_model_name_or_path == str(fast_ckpt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    image = Path(fast_ckpt) / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    template = get_template("qwen", QWenTokenizer.from_pretrained(fast_ckpt))
+    enc = template.encode(f"Picture 1:<img>{image}</img>\nColour?", [], None, "red")
+    out = model(input_ids=torch.tensor([enc["input_ids"]]), images=enc["images"], labels=torch.tensor([enc["labels"]]))
+    out.loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Data shards and the schedule
+
+
+def test_two_ranks_see_the_global_batches_of_one_process():
+    one = distributed.ShardSampler(10, 0, 1, seed=3, epoch=1).indices
+    ranks = [distributed.ShardSampler(10, r, 2, seed=3, epoch=1).indices for r in range(2)]
+    for step in range(5):  # one process, batch 2 == two processes, batch 1
+        assert sorted(one[2 * step:2 * step + 2]) == sorted([ranks[0][step], ranks[1][step]])
+    assert sorted(one) == list(range(10))
+    assert distributed.ShardSampler(10, 0, 1, seed=3, epoch=2).indices != one  # reshuffled per epoch
+    assert distributed.ShardSampler(10, 1, 2, seed=3, epoch=1, skip=2).indices == ranks[1][2:]
+
+
+def test_uneven_shards_are_padded_and_marked():
+    shards = [distributed.ShardSampler(5, r, 2, shuffle=False) for r in range(2)]
+    assert [s.indices for s in shards] == [[0, 2, 4], [1, 3, 0]]
+    assert [s.is_padding for s in shards] == [[False, False, False], [False, False, True]]
+
+
+def test_learning_rate_schedules():
+    linear = [lr_factor(s, "linear", total=10, warmup=2) for s in range(11)]
+    assert linear[:3] == [0.0, 0.5, 1.0] and linear[6] == pytest.approx(0.5) and linear[10] == 0.0
+    cosine = [lr_factor(s, "cosine", total=10, warmup=0) for s in range(11)]
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0)
+    assert cosine[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert [lr_factor(s, "constant", total=10, warmup=1) for s in (0, 1, 9)] == [0.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder and checkpoints
+
+
+def test_run_folders_are_numbered_like_swift(tmp_path):
+    first = new_run_dir(tmp_path, "qwen-vl-chat")
+    second = new_run_dir(tmp_path, "qwen-vl-chat")
+    assert first.parent == tmp_path / "qwen-vl-chat"
+    assert first.name.startswith("v0-") and second.name.startswith("v1-") and len(first.name) == len("v0-20240101-120000")
+
+
+def save(checkpoints: Checkpoints, step: int, eval_loss: float | None) -> None:
+    checkpoints.save(step, lambda folder: (folder / "weights").write_text(str(step)), eval_loss)
+
+
+def test_rotation_keeps_the_best_and_the_newest(tmp_path):
+    checkpoints = Checkpoints(tmp_path, save_total_limit=2, is_main=True)
+    for step, loss in ((10, 3.0), (20, 1.0), (30, 2.0), (40, 2.5)):
+        save(checkpoints, step, loss)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    assert (tmp_path / "best").resolve().name == "checkpoint-20" and (tmp_path / "last").resolve().name == "checkpoint-40"
+    assert (tmp_path / "last" / "weights").read_text() == "40"
+    assert not list(tmp_path.glob(".*"))  # no temp folders or links left behind
+    assert checkpoints.state() == {"best_checkpoint": str(tmp_path / "checkpoint-20"), "best_metric": 1.0}
+
+
+def test_rotation_without_evaluation_and_without_limit(tmp_path):
+    newest = Checkpoints(tmp_path / "a", save_total_limit=1, is_main=True)
+    keep_all = Checkpoints(tmp_path / "b", save_total_limit=-1, is_main=True)
+    for checkpoints in (newest, keep_all):
+        checkpoints.run_dir.mkdir()
+        for step in (1, 2, 3):
+            save(checkpoints, step, None)
+    assert [p.name for p in (tmp_path / "a").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (tmp_path / "a" / "best").exists() and newest.best is None
+    assert len(list((tmp_path / "b").glob("checkpoint-*"))) == 3
+
+
+def test_a_failed_write_leaves_no_checkpoint(tmp_path):
+    checkpoints = Checkpoints(tmp_path, save_total_limit=2, is_main=True)
+
+    def crash(folder: Path) -> None:
+        (folder / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoints.save(5, crash, None)
+    assert not list(tmp_path.iterdir()) and checkpoints.last is None
+
+
+def test_best_of_an_earlier_run_is_linked_after_a_resume(tmp_path):
+    earlier, later = tmp_path / "v0-a", tmp_path / "v1-b"
+    earlier.mkdir()
+    later.mkdir()
+    first = Checkpoints(earlier, 2, True)
+    save(first, 10, 1.0)
+    resumed = Checkpoints(later, 2, True)
+    resumed.load_state(first.state())
+    save(resumed, 20, 2.0)
+    assert (later / "best").resolve() == earlier / "checkpoint-10"
+    assert (later / "last").resolve() == later / "checkpoint-20"
+
+
+def test_resume_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .*gone: no such folder"):
+        find_resume_checkpoint(tmp_path / "gone")
+    from vlswift.train.checkpointing import load_training_state
+
+    with pytest.raises(FileNotFoundError, match="no training_state.pt"):
+        load_training_state(find_resume_checkpoint(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs and launching
+
+
+def test_smoothing_and_plots(tmp_path):
+    assert smooth([1.0, 1.0, 0.0]) == pytest.approx([1.0, 1.0, 0.9])
+    written = plot_losses({"train_loss": [(1, 2.0), (2, 1.0), (3, float("nan"))], "eval_loss": []}, tmp_path)
+    assert written == [tmp_path / "train_loss.png"] and written[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_torchrun_relaunch_command(monkeypatch, tmp_path):
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    assert not distributed.torchrun_requested()
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    assert distributed.torchrun_requested()
+    cmd = distributed.torchrun_command(tmp_path / "args.json")
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29501",
+                       "-m", "vlswift.train.recipe", str(tmp_path / "args.json")]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already one of the torchrun processes
+    assert not distributed.torchrun_requested()
+
+
+def test_cli_runs_a_short_training(fast_ckpt, example_data, tmp_path, monkeypatch, capsys):
+    """`vlswift sft ...` end to end through the CLI: two steps, one checkpoint, the paths printed."""
+    from vlswift import cli
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sft", "--model_id_or_path", str(fast_ckpt), "--dataset", str(example_data),
+                  "--dataset_test_ratio", "0.25", "--max_steps", "2", "--batch_size", "3",
+                  "--output_dir", str(tmp_path), "--dataloader_num_workers", "0", "--disable_tqdm", "true"])
+    assert exit_info.value.code in (0, None)
+    (run,) = (tmp_path / "qwen-vl-chat").iterdir()
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    args = json.loads((run / "sft_args.json").read_text())
+    assert args["gradient_accumulation_steps"] == 6  # ceil(16 / 3 / 1)
+    assert "3 train / 1 val rows" in " ".join(capsys.readouterr().err.split())
+
+
+def test_fsdp_runs_in_a_single_process(fast_ckpt, example_data, train_args, tmp_path, monkeypatch):
+    """`--fsdp true` without torchrun: a one-rank process group, the same checkpoint layout
+    (official weights + sharded optimizer state) as with several ranks."""
+    import torch.distributed as dist
+
+    from vlswift.train.recipe import sft_main
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    result = sft_main(train_args(fast_ckpt, example_data, tmp_path, sft_type="full", fsdp=True, max_steps=2,
+                                 val_dataset=[], freeze_vit=True))
+    ckpt = Path(result["checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer" / "__0_0.distcp").is_file()
+    assert not dist.is_initialized()  # the group it made is gone
+
+
+def test_committed_example_data_is_what_the_script_draws(examples, example_data):
+    from PIL import Image, ImageChops
+
+    committed = Path(__file__).resolve().parents[2] / "examples" / "data"
+    assert (committed / "train.jsonl").read_text() == example_data.read_text()
+    for image in (example_data.parent / "images").iterdir():
+        with Image.open(image) as drawn, Image.open(committed / "images" / image.name) as kept:
+            assert ImageChops.difference(drawn.convert("RGB"), kept.convert("RGB")).getbbox() is None
+
+
+def test_a_missing_dataset_fails_before_the_model_is_looked_for(tmp_path, monkeypatch, capsys):
+    from vlswift import cli
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sft", "--model_id_or_path", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "train.jsonl"),
+                  "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: --dataset {tmp_path / 'train.jsonl'}: no such file"
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_run_folder_takes_the_newest_complete_checkpoint(tmp_path):
+    # A kill between renaming checkpoint-6 into place and moving `last` leaves `last` behind.
+    from vlswift.train.checkpointing import TRAINING_STATE
+
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / TRAINING_STATE).write_bytes(b"")
+    (tmp_path / "checkpoint-9").mkdir()  # no training state: not complete
+    (tmp_path / "checkpoint-6-merged").mkdir()
+    (tmp_path / "last").symlink_to("checkpoint-3", target_is_directory=True)
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "checkpoint-6").resolve()
