@@ -4,7 +4,8 @@ Measures, in one run, the device's copy bandwidth and bf16 matmul peak, then wha
 anchors in ../shared/anchors measure for the official code: batch-1 greedy decode of 256 new
 tokens after a 288-token prompt with one 448px image (eos ignored), time to first token,
 batch 8 / 32 throughput, peak memory; plus issue 2's check (a 512-token reply streamed at
-batch 1) and whether the CUDA-graph path gives the same tokens as the plain one. Prints one
+batch 1) and whether the CUDA-graph path gives the same tokens as the plain one (and the
+graph prefill, padded to its length bucket, the same bits as the unpadded one). Prints one
 JSON line (and writes it to --out).
 
     PYTHONPATH=src python scripts/bench_infer.py [--config path/to/config.json] [--out FILE]
@@ -19,7 +20,8 @@ import time
 import torch
 
 import bench_common as bc
-from vlswift.infer.engine import SamplingConfig, generate_stream
+from vlswift.infer import fast_decode
+from vlswift.infer.engine import KV_BUCKET, SamplingConfig, generate_stream, round_up
 
 PROMPT_TOKENS = 288
 
@@ -36,6 +38,29 @@ def stream(model, prompts, images, new_tokens: int, fast: bool = True) -> tuple[
             first = time.perf_counter() - t0
     total = time.perf_counter() - t0
     return first, total, [list(r) for r in rows]
+
+
+def ttft_ms(model, prompt, image, reps: int = 7) -> float:
+    """Median time to the first token of one prompt (after one call that captures graphs)."""
+    stream(model, [prompt], image, 1)
+    ttfts = sorted(stream(model, [prompt], image, 1)[0] for _ in range(reps))
+    return round(1e3 * ttfts[len(ttfts) // 2], 1)
+
+
+@torch.inference_mode()
+def prefill_bits(model, prompt, image) -> dict:
+    """Whether the graph prefill (padded to its bucket) gives the unpadded prefill's bits."""
+    ids = torch.tensor([prompt], device="cuda")
+    dec = fast_decode.decoder_for(model, 1, round_up(len(prompt) + 1, KV_BUCKET))
+    graph_logits = dec.prefill(ids, image).clone()
+    graph_cache = dec.cache.buffer.clone()
+    dec.cache.reset()
+    logits = model(input_ids=ids, images=image, cache=dec.cache, logits_to_keep=1).logits[:, -1]
+    out = {"prefill_graph_logits_bits_equal": torch.equal(graph_logits, logits),
+           "prefill_graph_cache_bits_equal": torch.equal(graph_cache, dec.cache.buffer),
+           "prefill_graph_logits_max_abs_diff": (graph_logits.float() - logits.float()).abs().max().item()}
+    del graph_cache, dec
+    return out
 
 
 def decode_rate(batch: int, new_tokens: int, first: float, total: float) -> float:
@@ -89,13 +114,29 @@ def main() -> None:
     res["first_call_s_bs1"] = round(stream(model, [prompt], image, n)[1], 2)  # includes graph capture
     first, total, fast_ids = stream(model, [prompt], image, n)
     res["decode_tok_per_s_bs1"] = round(decode_rate(1, n, first, total), 1)
-    ttfts = sorted(stream(model, [prompt], image, 1)[0] for _ in range(7))
-    res["ttft_ms_1img"] = round(1e3 * ttfts[len(ttfts) // 2], 1)
+    res["ttft_ms_1img"] = ttft_ms(model, prompt, image)
     res["infer_peak_GB"] = peak_gb()
+    # Before/after of the prefill graph (fast_decode.StaticDecoder.prefill), same run.
+    os.environ["VLSWIFT_NO_PREFILL_GRAPH"] = "1"
+    res["ttft_ms_1img_eager_prefill"] = ttft_ms(model, prompt, image)
+    os.environ["VLSWIFT_NO_PREFILL_GRAPH"] = "0"
+    res["prefill_bucket"] = fast_decode.PREFILL_BUCKET
+    # A prompt length off the buckets (300 -> padded to 320) and whether padding changed any bit.
+    prompt300 = bc.image_prompt(config, 300, torch.Generator().manual_seed(1))
+    res["ttft_ms_1img_prompt300"] = ttft_ms(model, prompt300, image)
+    for p in (prompt, prompt300):
+        try:
+            res.update({f"{k}_T{len(p)}": v for k, v in prefill_bits(model, p, image).items()})
+        except Exception as e:  # a check for the record: keep the run's other figures
+            res[f"prefill_graph_check_error_T{len(p)}"] = repr(e)
     with torch.inference_mode():
         res["vit_ms_1img"] = round(1e3 * bc.cuda_time(lambda: tr.visual(image.cuda()), reps=5), 1)
         text_ids = torch.tensor([prompt], device="cuda").clamp(max=151642)  # the prompt without its image span
         res["prefill_text_ms"] = round(1e3 * bc.cuda_time(lambda: model(input_ids=text_ids, logits_to_keep=1), reps=5), 1)
+        dec = fast_decode.decoder_for(model, 1, 384)
+        res["prefill_text_graph_ms"] = round(1e3 * bc.cuda_time(lambda: dec.prefill(text_ids, None), reps=5), 1)
+        del dec
+    res["prefill_graphs_bs1"] = sorted(model._vlswift_decoder.prefill_graphs)
     vit_flops = 2 * bc.param_bytes(tr.visual) / 2 * 1024
     llm_flops = 2 * (bc.param_bytes(tr.h) / 2) * PROMPT_TOKENS
     res["prefill_flops_T"] = round((vit_flops + llm_flops) / 1e12, 2)
@@ -138,6 +179,9 @@ def main() -> None:
         first_e, total_e, eager_ids = stream(model, [prompt], image, n, fast=False)
         res["eager_decode_tok_per_s_bs1"] = round(decode_rate(1, n, first_e, total_e), 1)
         res["fast_equals_eager_bs1"] = eager_ids == fast_ids
+        # The padded prefill graph (300 -> 320 positions) against the plain path, 64 tokens.
+        res["fast_equals_eager_bs1_prompt300"] = (stream(model, [prompt300], image, 64)[2]
+                                                  == stream(model, [prompt300], image, 64, fast=False)[2])
 
     for b in [int(x) for x in args.batches.split(",") if x]:
         prompts = [bc.image_prompt(config, PROMPT_TOKENS, gen) for _ in range(b)]

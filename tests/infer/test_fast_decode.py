@@ -87,6 +87,52 @@ def test_decoder_is_reused_across_calls_of_the_same_shape(tmp_path, monkeypatch)
     assert model._vlswift_decoder is dec
 
 
+@pytest.mark.parametrize("seq_length", [2048, 128])  # 128: NTK alpha > 1 and logn scaling
+@pytest.mark.parametrize("lengths", [(270,), (300, 300)])  # padded to 288 and 320
+def test_padded_prefill_matches_the_model_prefill_on_cpu(tmp_path, monkeypatch, seq_length, lengths):
+    from vlswift.infer.engine import StaticKVCache
+
+    monkeypatch.setattr(fast_decode.StaticDecoder, "pad_prefill_eagerly", True)
+    model = tiny_model(tmp_path, "cpu", torch.float32, seq_length)
+    prompts, images = prompts_with_images(model, torch.Generator().manual_seed(4), lengths=lengths)
+    ids = torch.tensor(prompts)
+    b, t = ids.shape
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    plain = StaticKVCache(cfg.num_hidden_layers, b, cfg.num_attention_heads, 384, head_dim, torch.float32, "cpu")
+    dec = fast_decode.decoder_for(model, b, 384)
+    assert dec.prefill_fits(ids, None) and fast_decode.prefill_bucket(t) > t
+    with torch.inference_mode():
+        ref = model(input_ids=ids, images=images, cache=plain, logits_to_keep=1).logits[:, -1]
+        out = dec.prefill(ids, images)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert dec.cache.length == plain.length == t
+    assert torch.equal(dec.cache.ntk_alpha, plain.ntk_alpha)
+    torch.testing.assert_close(dec.cache.buffer[..., :t, :], plain.buffer[..., :t, :], rtol=1e-5, atol=1e-5)
+    assert not dec.cache.buffer[..., t:, :].any()  # the pad positions' keys/values are zeroed
+
+    # Through generate_stream: the same tokens as the plain loop (whose prefill is unpadded).
+    assert run(model, prompts, images, 40, True, monkeypatch) == run(model, prompts, images, 40, False, monkeypatch)
+
+
+def test_padded_prefill_is_only_taken_where_it_fits(tmp_path, monkeypatch):
+    model = tiny_model(tmp_path, "cpu", torch.float32)
+    dec = fast_decode.decoder_for(model, 1, 2048)
+    ids = torch.zeros(1, 270, dtype=torch.long)
+    assert not dec.prefill_fits(ids, None)  # on the CPU (no graphs) the model's own prefill runs
+    monkeypatch.setattr(fast_decode.StaticDecoder, "pad_prefill_eagerly", True)
+    assert dec.prefill_fits(ids, None)
+    assert not dec.prefill_fits(ids, torch.ones(1, 270, dtype=torch.long))  # a padding mask
+    assert not dec.prefill_fits(torch.zeros(2, 270, dtype=torch.long), None)  # another batch size
+    assert not dec.prefill_fits(torch.zeros(1, fast_decode.PREFILL_GRAPH_MAX_TOKENS + 1, dtype=torch.long), None)
+    assert not dec.prefill_fits(torch.zeros(1, 1, dtype=torch.long), None)
+    model.train()
+    assert not dec.prefill_fits(ids, None)
+    model.eval()
+    monkeypatch.setenv("VLSWIFT_NO_PREFILL_GRAPH", "1")
+    assert not dec.prefill_fits(ids, None)
+
+
 def test_env_flag_turns_the_fast_path_off(monkeypatch):
     monkeypatch.setenv("VLSWIFT_NO_FAST_DECODE", "1")
     assert not fast_decode.wanted(torch.nn.Linear(2, 2))
@@ -117,6 +163,47 @@ def test_cuda_graph_decode_gives_the_eager_tokens_and_bits(tmp_path, monkeypatch
         steps.append(out)
     for eager, graph in zip(*steps):
         assert torch.equal(eager, graph)
+
+
+@needs_cuda
+def test_cuda_graph_prefill_gives_the_plain_tokens(tmp_path, monkeypatch):
+    model = tiny_model(tmp_path, "cuda", torch.bfloat16, seq_length=300)
+    gen = torch.Generator().manual_seed(5)
+    captured = []
+    for lengths in [(270,), (280,), (310,), (300, 300)]:  # 270 and 280 share the 288 bucket
+        prompts, images = prompts_with_images(model, gen, lengths=lengths)
+        plain = run(model, prompts, images, 40, False, monkeypatch)
+        graphs = run(model, prompts, images, 40, True, monkeypatch)
+        assert graphs == plain
+        captured.append(sorted(model._vlswift_decoder.prefill_graphs))
+    assert captured[0] == captured[1] == [(288, False)]  # one graph for both lengths
+    assert (320, True) in captured[2]  # 310 > seq_length: logn scaling
+
+
+@needs_cuda
+def test_cuda_graph_prefill_replays_the_padded_eager_prefill_bit_for_bit(tmp_path):
+    from vlswift.infer.engine import StaticKVCache
+
+    model = tiny_model(tmp_path, "cuda", torch.bfloat16, seq_length=300)
+    prompts, images = prompts_with_images(model, torch.Generator().manual_seed(6), lengths=(305,))
+    ids = torch.tensor(prompts, device="cuda")
+    results = []
+    for use_graphs in (False, True, True):  # the second graph call replays the captured graph
+        dec = fast_decode.decoder_for(model, 1, 384, graphs=use_graphs)
+        with torch.inference_mode():
+            results.append((dec.prefill(ids, images).clone(), dec.cache.buffer.clone()))
+    for logits, cache in results[1:]:
+        assert torch.equal(logits, results[0][0]) and torch.equal(cache, results[0][1])
+
+    # Against the model's own (unpadded) prefill: equal up to bf16 rounding.
+    cfg = model.config
+    plain = StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_attention_heads, 384,
+                          cfg.hidden_size // cfg.num_attention_heads, torch.bfloat16, "cuda")
+    with torch.inference_mode():
+        ref = model(input_ids=ids, images=images, cache=plain, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(results[-1][0], ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[-1][1], plain.buffer, rtol=2e-2, atol=2e-2)
+    assert not results[-1][1][..., 305:, :].any()
 
 
 @needs_cuda

@@ -1,8 +1,9 @@
 """Token generation: prefill once, then decode one token at a time against a static KV cache.
 
 The plain path (any device) runs the model eagerly, one call per token. On CUDA the decode
-steps are CUDA-graph replays of a fixed-shape step instead (``fast_decode.py``); both write
-the same cache and give the same tokens. ``VLSWIFT_NO_FAST_DECODE=1`` keeps the plain path.
+steps are CUDA-graph replays of a fixed-shape step instead (``fast_decode.py``), and so are
+the decoder blocks of a short prompt's prefill; both paths write the same cache and give the
+same tokens. ``VLSWIFT_NO_FAST_DECODE=1`` keeps the plain path.
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ def generate_stream(
             cfg_model.hidden_size // cfg_model.num_attention_heads, model.dtype, device,
         )
     stop = torch.tensor(cfg.stop_token_ids, device=device)
-    logits = model(input_ids=ids, images=images, attention_mask=prefill_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    if decoder is not None and decoder.prefill_fits(ids, prefill_mask):
+        logits = decoder.prefill(ids, images)  # the same call, its decoder blocks from a CUDA graph
+    else:
+        logits = model(input_ids=ids, images=images, attention_mask=prefill_mask, cache=cache,
+                       logits_to_keep=1).logits[:, -1]
     if decoder is not None:
         decoder.start(mask)
     generated: list[list[int]] = [[] for _ in range(b)]

@@ -16,6 +16,16 @@ written with fixed shapes and captured once in a CUDA graph, then replayed per t
 The step calls the model's own blocks (``QWenModel.run_blocks``), so the eager step and its
 graph run the same kernels and give the same tokens. ``VLSWIFT_NO_FAST_DECODE=1`` turns the
 path off (``generate_stream`` then calls the model once per token).
+
+The prompt's prefill is a CUDA graph too (``StaticDecoder.prefill``): at batch 1 its ~1,000
+launches took ~14 ms on the host for ~7 ms of GPU work. The embeddings (and the vision
+tower, itself a graph) run eagerly; the decoder blocks are replayed from a graph captured
+per prompt-length bucket (``PREFILL_BUCKET``). The prompt is padded on the *right* up to
+the bucket: with causal attention no real position sees a pad, so the real positions run
+the same (flash, causal) attention as the unpadded prefill, every other op is row-wise, and
+the pad slots of the cache are zeroed afterwards (the cache then holds what the unpadded
+prefill writes). Only prompts without a padding mask (all rows of one length) and up to
+``PREFILL_GRAPH_MAX_TOKENS`` positions in all use it; ``VLSWIFT_NO_PREFILL_GRAPH=1`` turns it off.
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ import torch
 
 from ..models.qwen import rotary_inv_freq
 from .engine import KV_BUCKET, StaticKVCache, round_up
+
+# Prefill graphs: prompt lengths are padded (on the right) to a multiple of this; it divides
+# KV_BUCKET, so a bucket never outgrows the cache. Above PREFILL_GRAPH_MAX_TOKENS positions
+# (batch x bucket) the prefill keeps the GPU busy on its own and runs eagerly.
+PREFILL_BUCKET = 32
+PREFILL_GRAPH_MAX_TOKENS = 1024
 
 
 def wanted(model) -> bool:
@@ -77,12 +93,34 @@ class _SlotCache:
         return keys[:, :, : self.kv_len], values[:, :, : self.kv_len]
 
 
+class _PrefillCache:
+    """What attention sees of the cache in a prefill padded to ``width`` positions: writes and reads ``:width``."""
+
+    def __init__(self, cache: StaticKVCache, width: int):
+        self.cache, self.width = cache, width
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[:, :, : self.width] = k
+        values[:, :, : self.width] = v
+        return keys[:, :, : self.width], values[:, :, : self.width]
+
+
+def prefill_bucket(length: int) -> int:
+    return round_up(length, PREFILL_BUCKET)
+
+
 class StaticDecoder:
     """One-token decode steps with fixed shapes over a static KV cache (eager or CUDA graphs).
 
-    Use: ``start(prompt_mask)`` after the prefill has filled ``cache``, then per token
-    ``step(token, keep)`` -> logits [B, vocab] (a buffer the next step overwrites).
+    Use: ``start(prompt_mask)`` after the prefill has filled ``cache`` (the model's forward, or
+    ``prefill`` where ``prefill_fits``), then per token ``step(token, keep)`` -> logits [B, vocab]
+    (a buffer the next step overwrites).
     """
+
+    # The padded prefill also without graphs (CPU tests of its logic); the engine otherwise
+    # uses it only where it is replayed from CUDA graphs.
+    pad_prefill_eagerly = False
 
     def __init__(self, model, batch: int, max_len: int, graphs: bool = True):
         base = _base_model(model)
@@ -100,6 +138,82 @@ class StaticDecoder:
         self.inv_freq = torch.zeros(batch, base.transformer.rotary_dim // 2, dtype=torch.float32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.prefill_inv_freq = torch.zeros_like(self.inv_freq)
+        # (bucket, logn) -> (graph or None, embeddings in [B, bucket, D], final hidden states out)
+        self.prefill_graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor]] = {}
+
+    def prefill_fits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        """Whether ``prefill`` can take this prompt batch (no padding mask, one length, small enough)."""
+        if not (self.graphs_on or self.pad_prefill_eagerly) or attention_mask is not None or self.base.training:
+            return False
+        if os.environ.get("VLSWIFT_NO_PREFILL_GRAPH", "0") not in ("", "0"):
+            return False
+        b, t = ids.shape
+        bucket = prefill_bucket(t)
+        return b == self.batch and t > 1 and b * bucket <= PREFILL_GRAPH_MAX_TOKENS and bucket <= self.max_len
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """``model(input_ids=ids, images=images, cache=self.cache, logits_to_keep=1).logits[:, -1]``
+        with the decoder blocks replayed from a graph of the prompt's length bucket.
+
+        ``ids`` [B, T] without padding (see ``prefill_fits``), after ``decoder_for`` emptied the
+        cache; fills the cache as that call does.
+        """
+        tr = self.base.transformer
+        b, t = ids.shape
+        bucket = prefill_bucket(t)
+        if self.cache.length:
+            self.cache.reset()
+        # As QWenModel.forward at past == 0 without a mask: the NTK alpha from the length
+        # (stored on the cache for the decode steps), embeddings with the images spliced in.
+        alpha = tr.ntk_alpha(None, self.cache, 0, b, t)
+        self.prefill_inv_freq.copy_(rotary_inv_freq(alpha, tr.rotary_dim, self.base.config.rotary_emb_base,
+                                                    self.prefill_inv_freq.device))
+        x = tr.drop(tr.splice_images(ids, tr.wte(ids), images))
+        key = (bucket, tr.uses_logn(t))
+        entry = self.prefill_graphs.get(key)
+        if entry is None:
+            x_in = torch.zeros(b, bucket, x.size(-1), dtype=x.dtype, device=x.device)
+        else:
+            x_in = entry[1]
+        x_in[:, :t].copy_(x)
+        if t < bucket:
+            x_in[:, t:].zero_()
+        if not self.graphs_on:
+            hidden = self._prefill_body(x_in, key[1])
+        elif entry is None:
+            hidden = self._capture_prefill(key, x_in)
+        else:
+            graph, _, hidden = entry
+            graph.replay()
+        if t < bucket:
+            self.cache.buffer[:, :, :, :, t:bucket].zero_()  # what the pad positions wrote
+        self.cache.length = t
+        return self.base.lm_head(hidden[:, t - 1: t])[:, -1]
+
+    def _prefill_body(self, x: torch.Tensor, with_logn: bool) -> torch.Tensor:
+        tr = self.base.transformer
+        b, width = x.shape[:2]
+        positions = torch.arange(width, device=x.device).expand(b, width)
+        rope = tr.rope_from_inv_freq(positions, self.prefill_inv_freq, with_logn)
+        return tr.run_blocks(x, rope, "causal", _PrefillCache(self.cache, width))
+
+    def _capture_prefill(self, key: tuple[int, bool], x_in: torch.Tensor) -> torch.Tensor:
+        # As in _replay: warm-up outside the capture, writing what the replay writes.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._prefill_body(x_in, key[1])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = self._prefill_body(x_in, key[1])
+        self.pool = graph.pool()
+        self.prefill_graphs[key] = (graph, x_in, hidden)
+        graph.replay()
+        return hidden
 
     def start(self, prompt_mask: torch.Tensor) -> None:
         """Take the prompt's key mask [B, S0] and NTK alpha from the prefill that filled the cache."""

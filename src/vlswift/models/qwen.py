@@ -291,8 +291,13 @@ class QWenModel(nn.Module):
         return self.ln_f(x)
 
     def rope_state(self, position_ids, attention_mask, cache, past: int, t: int) -> RopeState:
+        alpha = self.ntk_alpha(attention_mask, cache, past, position_ids.size(0), t)
+        inv_freq = rotary_inv_freq(alpha, self.rotary_dim, self.config.rotary_emb_base, position_ids.device)
+        return self.rope_from_inv_freq(position_ids, inv_freq, self.uses_logn(past + t))
+
+    def ntk_alpha(self, attention_mask, cache, past: int, b: int, t: int) -> torch.Tensor:
+        """Per-row dynamic-NTK alpha [B] (float64, CPU); a prefill (``past == 0``) stores it on ``cache``."""
         cfg = self.config
-        b = position_ids.size(0)
         if self.training or not cfg.use_dynamic_ntk:
             alpha = torch.ones(b, dtype=torch.float64)
         elif past == 0:
@@ -306,10 +311,12 @@ class QWenModel(nn.Module):
             alpha = getattr(cache, "ntk_alpha", None)
             if alpha is None:
                 alpha = torch.ones(b, dtype=torch.float64)
-        inv_freq = rotary_inv_freq(alpha, self.rotary_dim, cfg.rotary_emb_base, position_ids.device)
+        return alpha
+
+    def uses_logn(self, length: int) -> bool:
+        """Whether attention over ``length`` positions scales queries by logn (eval only)."""
         # logn is 1 for every position < seq_length; multiplying by 1 is exact, so skip it then.
-        with_logn = cfg.use_logn_attn and not self.training and past + t > cfg.seq_length
-        return self.rope_from_inv_freq(position_ids, inv_freq, with_logn)
+        return self.config.use_logn_attn and not self.training and length > self.config.seq_length
 
     def rope_from_inv_freq(self, position_ids: torch.Tensor, inv_freq: torch.Tensor, with_logn: bool) -> RopeState:
         """Rotary cos/sin (and logn factors) for positions [B, T]; no host sync (graph-safe)."""
