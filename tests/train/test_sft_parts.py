@@ -216,6 +216,15 @@ def test_cli_runs_a_short_training(fast_ckpt, example_data, tmp_path, monkeypatc
     assert "3 train / 1 val rows" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_single_process_on_cuda_gets_an_indexed_device(monkeypatch):
+    # FSDP's device mesh (and torch.cuda.set_device) refuse a bare "cuda"; seen on one GPU.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    info = distributed.init_distributed("nccl", torch.device("cuda"))
+    assert info.device == torch.device("cuda", 0) and not info.distributed and not info.owns_group
+    assert distributed.init_distributed("gloo", torch.device("cpu")).device == torch.device("cpu")
+
+
 def test_fsdp_runs_in_a_single_process(fast_ckpt, example_data, train_args, tmp_path, monkeypatch):
     """`--fsdp true` without torchrun: a one-rank process group, the same checkpoint layout
     (official weights + sharded optimizer state) as with several ranks."""

@@ -88,6 +88,8 @@ def init_distributed(backend: str | None, device: torch.device, force: bool = Fa
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if world_size == 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # FSDP's mesh needs an index
         owns = force and not dist.is_initialized()
         if owns:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
