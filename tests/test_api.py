@@ -80,9 +80,12 @@ def test_fast_start(code):
 
 
 def _timed(code, env):
+    """Seconds ``code`` takes in a fresh interpreter; a crash fails the test (a fast crash is no fast start)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
-    return time.perf_counter() - start
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, f"{code!r} exited with {result.returncode}: {result.stderr.strip()[-2000:]}"
+    return elapsed
 
 
 def test_old_turns_leave_the_prompt_beyond_max_window_size(chat, golden_dir, monkeypatch):

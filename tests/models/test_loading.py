@@ -84,8 +84,43 @@ def test_no_weights(tiny_ckpt, tmp_path):
 def test_offline_hub_download_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"could not download Qwen/Qwen-VL-Chat .*--model_id_or_path DIR"):
+    with pytest.raises(CheckpointError, match=r"could not download Qwen/Qwen-VL-Chat .*--model_id_or_path DIR") as e:
         resolve_model_dir("qwen-vl-chat")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "model_id_or_path=DIR in Python" in message  # the way to say it through the Python API too
+    assert "no local folder" not in message  # nothing local was asked for
+
+
+def test_hub_failure_reason_is_cut_at_a_word_boundary(monkeypatch):
+    import huggingface_hub
+
+    words = " ".join(f"word{i:03d}" for i in range(60))  # 8 characters a word: 160 falls inside one
+
+    def fail(repo_id, **_):
+        raise OSError(words + "\nsecond line")
+
+    monkeypatch.delenv("USE_MODELSCOPE_HUB", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_dir("qwen-vl-chat")
+    message = str(e.value)
+    assert "\n" not in message and "second line" not in message
+    reason = message.split("offline or unreachable: ", 1)[1].split(")", 1)[0]
+    assert reason.endswith("…") and len(reason) <= 161
+    assert words.startswith(reason[:-1] + " ")  # whole words only
+
+
+def test_mistyped_relative_folder_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo").mkdir()
+    # One slash, no leading ./ or /: it is tried as a hub id, so the error must say it is no folder either.
+    with pytest.raises(CheckpointError, match=r"could not download typo/dir .* and there is no local folder typo/dir; "
+                                              r"pass a local checkpoint folder") as e:
+        resolve_model_dir("qwen-vl-chat", "typo/dir")
+    assert "\n" not in str(e.value)
 
 
 def test_dtypes():

@@ -65,7 +65,8 @@ def resolve_model_dir(model_type: str, model_id_or_path: str | None = None) -> P
         raise CheckpointError(f"unknown model_type {model_type!r}: expected one of {', '.join(HUB_IDS)}")
     hf_id, ms_id = HUB_IDS.get(model_type, (model_id_or_path, model_id_or_path))
     repo_id = model_id_or_path or (ms_id if use_modelscope() else hf_id)
-    return download_checkpoint(repo_id)
+    # A given id that failed to download may be a mistyped relative folder: say it is not one either.
+    return download_checkpoint(repo_id, no_local_folder=bool(model_id_or_path))
 
 
 def use_modelscope() -> bool:
@@ -78,8 +79,12 @@ def use_modelscope() -> bool:
     return True
 
 
-def download_checkpoint(repo_id: str) -> Path:
-    """Download (or find in the local cache) a hub checkpoint; offline, say so in one line."""
+def download_checkpoint(repo_id: str, no_local_folder: bool = False) -> Path:
+    """Download (or find in the local cache) a hub checkpoint; offline, say so in one line.
+
+    ``no_local_folder``: ``repo_id`` was also looked for as a local folder and is not one; the
+    error then says so.
+    """
     patterns = ["*.json", "*.safetensors", "*.bin", "*.tiktoken", "*.py", "*.ttf"]
     try:
         if use_modelscope():
@@ -92,10 +97,22 @@ def download_checkpoint(repo_id: str) -> Path:
     except Exception as e:  # noqa: BLE001 - every hub failure gets the same actionable message
         hub = "ModelScope" if use_modelscope() else "the Hugging Face Hub"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        local = f" and there is no local folder {repo_id}" if no_local_folder else ""
         raise CheckpointError(
-            f"could not download {repo_id} from {hub} (offline or unreachable: {reason[:160]}); "
-            "pass a local checkpoint folder with --model_id_or_path DIR"
+            f"could not download {repo_id} from {hub} (offline or unreachable: {shorten(reason, 160)}){local}; "
+            "pass a local checkpoint folder (--model_id_or_path DIR, or model_id_or_path=DIR in Python)"
         ) from None
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to at most ``limit`` characters (plus "…" where it was cut)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    if text[limit] != " ":
+        # Drop the word the limit falls in, unless it is the only one (a long URL, say).
+        cut = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return cut.rstrip(" ,;:.") + "…"
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
