@@ -162,5 +162,19 @@ def test_unreachable_host(server: _Server) -> None:
     url = server.url + "/x.png"
     server.httpd.shutdown()
     server.httpd.server_close()
-    with pytest.raises(ImageLoadError, match=r"cannot reach host .*after 3 attempts"):
+    with pytest.raises(ImageLoadError, match=r"cannot reach host .*after 3 attempts") as err:
         load_image(url)
+    # requests' message is longer than the reason may be: its end, the root cause, is kept.
+    assert "Connection refused" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_long_reasons_are_cut_between_words() -> None:
+    words = [f"word{i}" for i in range(100)]
+    text = " ".join(words) + " (Caused by OSError('[Errno 111] Connection refused'))"
+    short = media._one_line(ValueError(text))
+    assert len(short) <= media.MAX_REASON_CHARS and "\n" not in short
+    head, tail = short.split(" … ")
+    assert text.startswith(head + " ") and text.endswith(" " + tail)
+    assert tail.endswith("[Errno 111] Connection refused'))")
+    assert media._one_line(ValueError("short\n  message")) == "short message"
+    assert media._one_line(ValueError("")) == "ValueError"

@@ -43,8 +43,26 @@ def _short(src: str) -> str:
     return src[:48] + "..." if src.startswith("data:") and len(src) > 48 else src
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
+MAX_REASON_CHARS = 200
+
+
+def _one_line(err: BaseException, limit: int = MAX_REASON_CHARS) -> str:
+    """``err`` as one line of at most ``limit`` characters.
+
+    A longer message keeps its start (what failed) and its end (a chained error's root cause, e.g.
+    requests' "... (Caused by ...: [Errno 111] Connection refused)"), cut at spaces, joined by " … ".
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) <= limit:
+        return text
+    head_len = limit // 3
+    tail_len = limit - head_len - len(" … ")
+    head, tail = text[:head_len], text[-tail_len:]
+    if text[head_len] != " " and " " in head:
+        head = head.rsplit(" ", 1)[0]  # drop the word the cut falls in
+    if text[-tail_len - 1] != " " and " " in tail:
+        tail = tail.split(" ", 1)[1]
+    return f"{head.rstrip()} … {tail.lstrip()}"
 
 
 def is_url(src: str) -> bool:
