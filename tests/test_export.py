@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -159,6 +161,107 @@ def test_greedy_replies_equal_base_plus_adapter(merged_run, image_query):
             replies.append(last[0])
     assert replies[:2] == replies[2:], name
     assert all(len(r) > 1 for r in replies), "greedy decoding should run for several tokens"
+
+
+def write_sft_data(folder: Path) -> Path:
+    """Two rows for a short real LoRA run: one about a picture, one text-only."""
+    from PIL import Image
+
+    Image.frombytes("RGB", (40, 40), bytes((i * 11) % 256 for i in range(40 * 40 * 3))).save(folder / "pic.png")
+    rows = [{"query": "Picture 1:<img>pic.png</img>\nWhat is it?", "response": "A pattern."},
+            {"query": "Hello!", "response": "Hi there."}]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_ckpt, tmp_path_factory):
+    """target ("DEFAULT"/"ALL") -> run folder of a real 4-step `vlswift sft --sft_type lora` run
+    (checkpoints at steps 2 and 4), trained once per target."""
+    from vlswift.train.args import SftArguments
+    from vlswift.train.recipe import sft_main
+
+    data = write_sft_data(tmp_path_factory.mktemp("sft-data"))
+    runs = {}
+
+    def get(target: str) -> Path:
+        if target not in runs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny ops: a second thread only spins when the cores are shared
+            try:
+                result = sft_main(SftArguments(
+                    model_id_or_path=str(tiny_ckpt), dataset=[str(data)], dataset_test_ratio=0.0,
+                    output_dir=str(tmp_path_factory.mktemp(f"sft-{target}")), lora_target_modules=[target],
+                    max_steps=4, save_steps=2, eval_steps=1000, batch_size=2, gradient_accumulation_steps=1,
+                    learning_rate=2e-2, warmup_ratio=0.0, lora_dropout_p=0.0, gradient_checkpointing=False,
+                    dtype="fp32", dataloader_num_workers=0, disable_tqdm=True,
+                ))
+            finally:
+                torch.set_num_threads(threads)
+            runs[target] = Path(result["run_dir"])
+        return runs[target]
+
+    return get
+
+
+@pytest.mark.parametrize("target", ["DEFAULT", "ALL"])
+def test_real_sft_checkpoint_merges_to_base_plus_adapter(sft_runs, target, tiny_ckpt, image_query):
+    from peft import PeftModel
+
+    from vlswift.api import get_template
+    from vlswift.infer.engine import SamplingConfig, generate_stream
+    from vlswift.tokenizer import QWenTokenizer
+
+    ckpt = sft_runs(target) / "checkpoint-4"
+    assert json.loads((ckpt / "sft_args.json").read_text())["lora_target_modules"] == [target]
+    merged_dir = merge_lora_checkpoint(ckpt)
+    assert stat.S_IMODE(merged_dir.stat().st_mode) == stat.S_IMODE(ckpt.stat().st_mode)  # as readable as the run
+    merged = load_pretrained(merged_dir, torch.float32, "cpu")
+    base_plus_adapter = PeftModel.from_pretrained(load_pretrained(tiny_ckpt, torch.float32, "cpu"), str(ckpt),
+                                                  is_trainable=False).eval()
+    if target == "ALL":
+        assert any(".visual." in n and ".lora_A." in n for n, _ in base_plus_adapter.named_parameters()), \
+            "ALL should put LoRA on the vision tower too"
+    template = get_template("qwen", QWenTokenizer.from_pretrained(tiny_ckpt))
+    cfg = SamplingConfig(max_new_tokens=12, stop_token_ids=template.stop_token_ids)  # greedy
+    for query in ("Hello!", image_query):
+        enc = template.encode(query)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            want = base_plus_adapter(input_ids=ids, images=enc["images"]).logits[0, -1]
+            got = merged(ids, images=enc["images"]).logits[0, -1]
+            with base_plus_adapter.disable_adapter():
+                before = base_plus_adapter(input_ids=ids, images=enc["images"]).logits[0, -1]
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max().item() < 1e-4, (target, query)
+        assert (before - want).abs().max().item() > 1e-3, "the training steps should change the model"
+        # Generated ids, not text: the tiny model may pick vocabulary rows the tokenizer cannot decode.
+        replies = []
+        for model in (base_plus_adapter, merged):
+            *_, last = generate_stream(model, [enc["input_ids"]], enc["images"], cfg, template.tokenizer.pad_token_id)
+            replies.append(last[0])
+        assert replies[0] == replies[1] and len(replies[0]) > 1, (target, query)
+
+
+def test_run_folder_as_ckpt_dir_names_its_newest_checkpoint(sft_runs, tiny_ckpt, tmp_path):
+    run = sft_runs("DEFAULT")
+    merge_lora_checkpoint(run / "checkpoint-2", overwrite=True)  # an export is no checkpoint to suggest
+    before = {p.name for p in run.iterdir()}
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-2-merged", "last"} <= before
+    newest = re.escape(str(run / "checkpoint-4"))
+    with pytest.raises(ExportError, match=rf"is a run folder, not a checkpoint: did you mean {newest}\?"):
+        merge_lora_checkpoint(run)
+    assert {p.name for p in run.iterdir()} == before
+
+    # A full fine-tune's run folder: its newest checkpoint is a model already, no LoRA to merge.
+    full_run = tmp_path / "v0-full"
+    shutil.copytree(tiny_ckpt, full_run / "checkpoint-3")
+    (full_run / "checkpoint-3" / "training_state.pt").write_bytes(b"")
+    (full_run / "sft_args.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"run folder of a full fine-tune: its newest checkpoint .*checkpoint-3 "
+                                          r"is already a full model"):
+        merge_lora_checkpoint(full_run)
 
 
 def test_merged_folder_has_the_base_layout(merged_run, tiny_ckpt):
@@ -371,3 +474,19 @@ def test_overwrite_only_when_asked_and_only_once_complete(tiny_ckpt, tmp_path, m
         with pytest.raises(ExportError, match="would overwrite the checkpoint or the base model"):
             merge_lora_checkpoint(ckpt, folder, overwrite=True)
     assert (ckpt / "adapter_config.json").is_file()
+
+
+def test_merged_folder_has_the_umask_mode(tiny_ckpt, tmp_path):
+    _, ckpt = make_lora_checkpoint(tiny_ckpt, tmp_path / "run", target_modules=["c_attn"])
+    old = os.umask(0o022)
+    try:
+        group_readable = merge_lora_checkpoint(ckpt, tmp_path / "022")
+        os.umask(0o027)
+        private_to_others = merge_lora_checkpoint(ckpt, tmp_path / "027")
+    finally:
+        os.umask(old)
+    # The mode a plain mkdir gives (as the checkpoint's own folder has), not mkdtemp's 0700.
+    assert stat.S_IMODE(group_readable.stat().st_mode) == 0o755
+    assert stat.S_IMODE(private_to_others.stat().st_mode) == 0o750
+    for path in group_readable.iterdir():  # and every file in it is readable by the serving process
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path.name

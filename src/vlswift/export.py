@@ -17,9 +17,9 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +164,16 @@ def check_lora_ckpt_dir(ckpt: Path, given: str) -> None:
     if (ckpt / "config.json").is_file():
         raise ExportError(f"--ckpt_dir {given} is already a full model (config.json, no adapter_config.json): "
                           "there is no LoRA to merge; use it directly with `vlswift infer --ckpt_dir`")
+    from .train.checkpointing import find_resume_checkpoint
+
+    # A run folder (output/<model_type>/vN-...): name its newest complete checkpoint, as sft resume takes.
+    newest = find_resume_checkpoint(ckpt)
+    if newest != ckpt.resolve():
+        suggestion = Path(given) / newest.name
+        if (newest / "adapter_config.json").is_file():
+            raise ExportError(f"--ckpt_dir {given} is a run folder, not a checkpoint: did you mean {suggestion}?")
+        raise ExportError(f"--ckpt_dir {given} is the run folder of a full fine-tune: its newest checkpoint "
+                          f"{suggestion} is already a full model; use it directly with `vlswift infer --ckpt_dir`")
     raise ExportError(f"--ckpt_dir {given} is not a LoRA checkpoint (no adapter_config.json): pass a "
                       "checkpoint-<step> folder of a `vlswift sft --sft_type lora` run")
 
@@ -200,7 +210,7 @@ def check_target(target: Path, overwrite: bool) -> None:
 def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temp folder beside ``target`` that becomes ``target`` (via ``os.replace``) only on success."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = fresh_folder(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
         if not target.exists():
@@ -208,7 +218,7 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
             return
         check_target(target, overwrite)  # it may have appeared while we were writing
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = fresh_folder(target.parent, f".{target.name}.old-")
         os.replace(target, old / target.name)
         try:
             os.replace(tmp, target)
@@ -218,6 +228,21 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/<prefix><random>`` with the umask's mode, as ``checkpoint-<step>`` gets.
+
+    Not ``tempfile.mkdtemp``: its 0700 would travel with the rename and leave the merged model
+    unreadable to the other users and serving processes that can read the checkpoint beside it.
+    """
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def output_dtype(dtype: str | torch.dtype | None, base_config: dict, specs: list[TensorSpec]) -> torch.dtype:
