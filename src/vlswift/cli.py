@@ -15,7 +15,6 @@ import sys
 import typing
 from typing import Annotated, Any, Callable
 
-import click
 import typer
 
 app = typer.Typer(
@@ -51,12 +50,31 @@ def run_main(fn: Callable[[], Any]) -> Any:
 
 def print_error(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # Escaped: a message quoting a path or a format ("[query, response]") is not Rich markup.
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", markup=True,
+                                                soft_wrap=True)
+
+
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off")
 
 
 def parse_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else click.BOOL.convert(value, None, None)
+    """swift's ``true|false`` values (also yes/no, 1/0, on/off, any case).
+
+    Raises typer's own ``BadParameter`` (the one it turns into a usage error: a standalone
+    ``click`` is neither a dependency nor the click typer runs on); typer names the flag.
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise typer.BadParameter(f"{value!r} is not true or false")
 
 
 def _list_fields(cls) -> set[str]:
