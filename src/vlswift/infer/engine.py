@@ -225,17 +225,30 @@ def generate_stream(
         token = following if ahead else advance(token, done)
 
 
+def beam_search_options(cfg: SamplingConfig, pad_id: int) -> dict:
+    """``GenerationConfig`` keywords of a beam search: the sampling options only when sampling.
+
+    Without sampling they are set to transformers' own defaults rather than left out: ``generate``
+    fills what is unset from the checkpoint's ``generation_config.json`` (Qwen-VL-Chat's
+    ``top_p=0.3``, ``top_k=0``) and then warns that they are invalid without ``do_sample``.
+    """
+    options = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+                   repetition_penalty=cfg.repetition_penalty, eos_token_id=cfg.stop_token_ids,
+                   pad_token_id=pad_id)
+    if cfg.do_sample:
+        options.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    else:
+        options.update(temperature=1.0, top_k=50, top_p=1.0)
+    return options
+
+
 def _beam_search(model, prompts, images, cfg: SamplingConfig, pad_id: int) -> Iterator[list[list[int]]]:
     """Beam search through transformers' ``generate`` (rare in chat; no streaming)."""
     from transformers import GenerationConfig
 
     device = model_device(model)
     ids, mask = left_pad(prompts, pad_id)
-    gc = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty, eos_token_id=cfg.stop_token_ids, pad_token_id=pad_id,
-    )
+    gc = GenerationConfig(**beam_search_options(cfg, pad_id))
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), images=images, generation_config=gc)
     rows = []
     for row in out[:, ids.size(1):].tolist():
