@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,6 +25,21 @@ HUB_IDS = {
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "qwen.tiktoken")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+LoadProgress = Callable[[int, int], None]  # (bytes of tensors loaded, bytes of the weight files)
+_load_progress: ContextVar[LoadProgress | None] = ContextVar("load_progress", default=None)
+
+
+@contextmanager
+def load_progress(callback: LoadProgress) -> Iterator[None]:
+    """Inside, ``load_pretrained`` reports to ``callback`` after every tensor (a progress bar for
+    loads reached through the API, whose functions take no callback)."""
+    token = _load_progress.set(callback)
+    try:
+        yield
+    finally:
+        _load_progress.reset(token)
 
 
 class CheckpointError(ValueError):
@@ -151,14 +168,20 @@ def build_model(config: QWenConfig, dtype: torch.dtype, device: str | torch.devi
     return model.to(dtype) if device != "meta" else model
 
 
-def load_weights(model, files: list[Path], dtype: torch.dtype, device_for) -> None:
+def load_weights(model, files: list[Path], dtype: torch.dtype, device_for,
+                 progress: LoadProgress | None = None) -> None:
     """Assign checkpoint tensors to a meta model, shard by shard, checking names and shapes."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     seen: set[str] = set()
     unexpected: list[str] = []
+    total = sum(f.stat().st_size for f in files)
+    done = 0
     for shard in iter_shards(files):
         ready = {}
         for name, tensor in shard.items():
+            done += tensor.numel() * tensor.element_size()
+            if progress is not None:
+                progress(min(done, total), total)
             if name not in expected:
                 if not name.endswith(("masked_bias", "rotary_emb.inv_freq")):
                     unexpected.append(name)
@@ -172,6 +195,8 @@ def load_weights(model, files: list[Path], dtype: torch.dtype, device_for) -> No
             seen.add(name)
         model.load_state_dict(ready, strict=False, assign=True)
         del shard, ready
+    if progress is not None:
+        progress(total, total)  # the files' headers are no tensors
     missing = sorted(set(expected) - seen)
     if missing or unexpected:
         parts = []
@@ -187,8 +212,14 @@ def load_pretrained(
     dtype: torch.dtype,
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
+    progress: LoadProgress | None = None,
 ):
-    """Load a model from an official-layout folder onto ``device`` or an accelerate ``device_map``."""
+    """Load a model from an official-layout folder onto ``device`` or an accelerate ``device_map``.
+
+    ``progress(bytes_loaded, total_bytes)`` is called after every tensor (default: the callback
+    of an enclosing ``load_progress``).
+    """
+    progress = progress or _load_progress.get()
     folder = Path(folder)
     config = load_config(folder)
     model = build_model(config, dtype, "meta")
@@ -205,11 +236,11 @@ def load_pretrained(
             dev = resolved[best]
             return f"cuda:{dev}" if isinstance(dev, int) else dev
 
-        load_weights(model, files, dtype, device_for)
+        load_weights(model, files, dtype, device_for, progress)
         model = dispatch_model(model, device_map=resolved)
     else:
         target = torch.device(device) if device is not None else default_device()
-        load_weights(model, files, dtype, lambda _: target)
+        load_weights(model, files, dtype, lambda _: target, progress)
     model.eval()
     model.model_dir = str(folder)
     load_generation_config(model, folder)
