@@ -30,6 +30,7 @@ def test_every_field_has_help():
     ({"merge_lora": True}, "--merge_lora true needs --ckpt_dir"),
     ({"batch_size": 0}, "--batch_size must be at least 1"),
     ({"max_new_tokens": 0}, "--max_new_tokens must be at least 1"),
+    ({"history": "chat.jsonl", "val_dataset": ["a.jsonl"]}, "--history is for the chat"),
 ])
 def test_bad_combinations(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -43,11 +44,15 @@ def test_cli_flags(monkeypatch, run_cli):
                     "--val_dataset", "a.jsonl", "b.jsonl", "--top_k", "5", "--temperature", "0.5",
                     "--batch_size", "4", "--draw_boxes", "true"])
     assert code == 0
-    (args,) = seen
+    code = run_cli(["infer", "--history", "infer_result/20260101-000000.jsonl"])
+    assert code == 0
+    args, chat_args = seen
+    assert args.history is None
     assert args.stream is False and args.do_sample is False and args.draw_boxes is True
     assert args.val_dataset == ["a.jsonl", "b.jsonl"] and args.eval_human is False
     assert args.top_k == 5 and args.temperature == 0.5 and args.batch_size == 4
     assert args.max_new_tokens is None and args.top_p is None
+    assert chat_args.history == "infer_result/20260101-000000.jsonl" and chat_args.eval_human is True
 
 
 def test_cli_refuses_a_bad_combination_in_one_line(run_cli, capsys):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 
 import pytest
 
-from vlswift.infer.chat import SEPARATOR, Chat, StreamPrinter, parse_command, prompt_for, read_input, terminal_reader
+from vlswift.infer.chat import (SEPARATOR, Chat, HistoryFileError, StreamPrinter, load_history, parse_command,
+                                prompt_for, read_input, terminal_reader)
 
 
 def script(lines: list[str]):
@@ -234,3 +236,48 @@ def test_draw_boxes(fake_inference, tmp_path, monkeypatch):
     assert img.getpixel((60, 40)) == (255, 255, 255) and img.getpixel((150, 90)) == (255, 255, 255)
     # The second turn still has the first turn's image in its history: drawn on it again.
     assert (tmp_path / "res-boxes-2.png").is_file()
+
+
+HISTORY = [["Picture 1:<img>images/b.jpg</img>\nWhat colour?", "Mostly blue."], ["And the shapes?", "Circles."]]
+
+
+def test_history_from_a_json_list(tmp_path):
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps(HISTORY, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert load_history(path) == (HISTORY, None)
+
+
+def test_history_from_a_result_jsonl_goes_on_after_its_last_line(tmp_path):
+    path = tmp_path / "infer_result" / "20260101-000000.jsonl"
+    path.parent.mkdir()
+    rows = [{"system": "You are a pirate.", "query": q, "response": r, "history": HISTORY[:i], "images": []}
+            for i, (q, r) in enumerate(HISTORY)]
+    rows.append({"system": "You are a pirate.", "query": "Why?", "response": "Because.", "history": HISTORY,
+                 "images": []})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
+    assert load_history(path) == (HISTORY + [["Why?", "Because."]], "You are a pirate.")
+    # A dataset inference result (no system) of one line.
+    path.write_text(json.dumps({"query": "q", "response": "r", "history": [], "label": "l"}) + "\n")
+    assert load_history(path) == ([["q", "r"]], None)
+
+
+@pytest.mark.parametrize("text,why", [
+    (None, "no such file"),
+    ("", "the file is empty"),
+    ('[["a", "b"],\n', "line 2 is not valid JSON (Expecting value)"),
+    ('[["a", "b"], ["c"]]', "item 2 of the list is not a [query, response] pair of strings"),
+    ('{"query": "q", "response": "r"}\n{"query": "q", "response": 1}\n',
+     'line 2 has no "query" and "response" strings'),
+    ('{"query": "q", "response": "r"}\nnot json\n', "line 2 (the last) is not valid JSON (Expecting value)"),
+    ('{"query": "q", "response": "r", "history": [["x", 2]]}', "item 1 of the history of the file is not a "
+                                                                "[query, response] pair of strings"),
+    ('{"model_type": "qwen"}', 'the file has no "query" and "response" strings'),
+])
+def test_bad_history_files_are_one_line(tmp_path, text, why):
+    path = tmp_path / "h.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(HistoryFileError) as err:
+        load_history(path)
+    assert str(err.value) == (f"--history {path}: {why}; expected a JSON list of [query, response] pairs, "
+                              "or a result jsonl written by `vlswift infer` (infer_result/*.jsonl)")

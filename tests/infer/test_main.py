@@ -32,20 +32,19 @@ def test_load_dataset_config_needs_sft_args(infer_workdir, run_cli, capsys):
     assert err.startswith(f"error: --load_dataset_config: no sft_args.json in {infer_workdir}")
 
 
-@pytest.fixture(scope="module")
-def lora_ckpt(golden_ckpt, infer_workdir, tmp_path_factory):
-    """A LoRA checkpoint (random A and B on c_attn) laid out as `vlswift sft` writes it."""
+def make_lora_ckpt(base: Path, root: Path, dataset: Path) -> Path:
+    """A LoRA checkpoint of ``base`` (random A and B on c_attn) laid out as `vlswift sft` writes it."""
     from peft import LoraConfig, get_peft_model
 
     from vlswift.api import get_model_tokenizer
 
-    model, _ = get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
+    model, _ = get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(base))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
-    run = tmp_path_factory.mktemp("output") / "qwen-vl-chat" / "v0-20260101-000000"
+    run = root / "qwen-vl-chat" / "v0-20260101-000000"
     ckpt = run / "checkpoint-2"
     model.save_pretrained(str(ckpt))
-    sft_args = {"model_type": "qwen-vl-chat", "model_id_or_path": str(golden_ckpt), "sft_type": "lora",
-                "system": "You are a LoRA.", "dataset": [str(infer_workdir / "golden.jsonl")], "val_dataset": [],
+    sft_args = {"model_type": "qwen-vl-chat", "model_id_or_path": str(base), "sft_type": "lora",
+                "system": "You are a LoRA.", "dataset": [str(dataset)], "val_dataset": [],
                 "dataset_seed": 42, "dataset_test_ratio": 0.5, "check_dataset_strategy": "none"}
     for folder in (run, ckpt):
         (folder / "sft_args.json").write_text(json.dumps(sft_args))
@@ -53,13 +52,13 @@ def lora_ckpt(golden_ckpt, infer_workdir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_rows():
-    return {}
+def lora_ckpt(golden_ckpt, infer_workdir, tmp_path_factory):
+    return make_lora_ckpt(golden_ckpt, tmp_path_factory.mktemp("output"), infer_workdir / "golden.jsonl")
 
 
 @pytest.mark.slow
 def test_lora_checkpoint_with_its_validation_split(lora_ckpt, infer_workdir, golden_model, run_cli, greedy,
-                                                    read_jsonl, lora_rows, tmp_path, capsys, monkeypatch):
+                                                    read_jsonl, tmp_path, capsys, monkeypatch):
     from vlswift.api import inference
     from vlswift.train.data import load_dataset, split_dataset
 
@@ -80,13 +79,16 @@ def test_lora_checkpoint_with_its_validation_split(lora_ckpt, infer_workdir, gol
     monkeypatch.chdir(infer_workdir)
     base = [inference(model, template, s.query, s.history, "You are a LoRA.", gc)[0] for s in val]
     assert [r["response"] for r in rows] != base
-    lora_rows["rows"] = rows
 
 
 @pytest.mark.slow
-def test_merge_lora_gives_the_same_replies(lora_ckpt, run_cli, greedy, read_jsonl, lora_rows, tmp_path, capsys):
-    if "rows" not in lora_rows:
-        pytest.skip("needs test_lora_checkpoint_with_its_validation_split")
+def test_merge_lora_gives_the_same_replies(lora_ckpt, run_cli, greedy, read_jsonl, tmp_path, capsys):
+    from vlswift.infer.args import InferArguments
+    from vlswift.infer.main import infer_main
+
+    unmerged = infer_main(InferArguments(ckpt_dir=str(lora_ckpt), load_dataset_config=True, do_sample=False,
+                                         max_new_tokens=12, save_result=False))["result"]
+    capsys.readouterr()
     result = tmp_path / "merged.jsonl"
     code = run_cli(["infer", "--ckpt_dir", str(lora_ckpt), "--merge_lora", "true", "--load_dataset_config", "true",
                     "--result_path", str(result), *greedy])
@@ -95,4 +97,60 @@ def test_merge_lora_gives_the_same_replies(lora_ckpt, run_cli, greedy, read_json
     merged = lora_ckpt.with_name(lora_ckpt.name + "-merged")
     assert (merged / "config.json").is_file()
     assert re.search(rf"Adapter: none \(full checkpoint {re.escape(str(merged))}\)", err)
-    assert read_jsonl(result) == lora_rows["rows"]
+    assert len(unmerged) == 3 and read_jsonl(result) == unmerged
+
+
+def test_an_existing_merge_is_reused_only_for_its_checkpoint_and_base(golden_ckpt, infer_workdir, run_cli, capsys,
+                                                                     tmp_path):
+    from vlswift.export import merge_lora_checkpoint
+    from vlswift.infer.args import InferArguments
+    from vlswift.infer.main import resolve_checkpoint
+
+    ckpt = make_lora_ckpt(golden_ckpt, tmp_path / "output", infer_workdir / "golden.jsonl")
+    merged = merge_lora_checkpoint(ckpt)
+    assert merged == ckpt.with_name("checkpoint-2-merged")
+    # The base the checkpoint names, by default or given: the merge is reused.
+    for base in (None, str(golden_ckpt)):
+        info = resolve_checkpoint(InferArguments(ckpt_dir=str(ckpt), merge_lora=True, model_id_or_path=base))
+        assert (info.path, info.kind) == (merged, "full")
+    capsys.readouterr()
+    # Another base (the same weights in another folder): not what the folder holds.
+    argv = ["infer", "--ckpt_dir", str(ckpt), "--merge_lora", "true", "--model_id_or_path", str(infer_workdir)]
+    assert run_cli(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --merge_lora true: {merged} holds {ckpt} merged into {golden_ckpt.resolve()}, not {ckpt} "
+                   f"merged into {infer_workdir.resolve()}: remove it to merge again, or run `vlswift export "
+                   f"--ckpt_dir {ckpt} --model_id_or_path {infer_workdir.resolve()} --output_dir DIR` and infer with "
+                   "--ckpt_dir DIR")
+    # A folder that does not say what it merged is not trusted either.
+    sft_args = json.loads((merged / "sft_args.json").read_text())
+    del sft_args["merged_from"]
+    (merged / "sft_args.json").write_text(json.dumps(sft_args))
+    with pytest.raises(ValueError, match=r"does not say what it was merged from \(no merged_from in its sft_args"):
+        resolve_checkpoint(InferArguments(ckpt_dir=str(ckpt), merge_lora=True))
+
+
+def test_loading_shows_a_progress_bar_over_the_weights(golden_ckpt):
+    import io
+
+    from rich.console import Console
+
+    from vlswift.api import get_model_tokenizer
+    from vlswift.infer.main import loading_bar
+    from vlswift.models.loading import load_progress
+
+    reports: list[tuple[int, int]] = []
+    with load_progress(lambda done, total: reports.append((done, total))):
+        get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
+    size = (golden_ckpt / "model.safetensors").stat().st_size
+    assert len(reports) > 10 and reports[-1] == (size, size)  # tensor by tensor, up to the file's bytes
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports) and {t for _, t in reports} == {size}
+    reports.clear()
+    get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
+    assert reports == []  # only inside load_progress
+
+    out = io.StringIO()
+    with loading_bar("Loading golden", console=Console(file=out, force_terminal=True, width=100, color_system=None)):
+        get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
+    frames = out.getvalue()
+    assert "Loading golden" in frames and f"{size / 1e6:.1f}/{size / 1e6:.1f} MB" in frames

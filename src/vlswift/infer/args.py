@@ -48,6 +48,10 @@ class InferArguments:
     # Chat.
     eval_human: bool | None = field(default=None, metadata={
         "help": "Interactive chat (default: true unless --val_dataset or --load_dataset_config is given)."})
+    history: str | None = field(default=None, metadata={
+        "help": "Continue a saved chat: a JSON file with a list of (query, response) pairs such as "
+                "[[\"Hi\", \"Hello!\"]], or a result jsonl of `vlswift infer` (the chat goes on after its "
+                "last line, with its system prompt unless --system is given)."})
     stream: bool = field(default=True, metadata={"help": "Print replies token by token."})
     draw_boxes: bool = field(default=False, metadata={
         "help": "When a reply holds grounding boxes (<ref>..</ref><box>..</box>), save the latest "
@@ -86,3 +90,5 @@ class InferArguments:
             raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.eval_human is None:
             self.eval_human = not (self.val_dataset or self.load_dataset_config)
+        if self.history and not self.eval_human:
+            raise ValueError("--history is for the chat; in dataset inference every row has its own history")

@@ -12,6 +12,7 @@ Input rules (the same for a terminal and for piped stdin):
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -145,6 +146,68 @@ def conversation_images(history: list[list[str]], query: str) -> list[str]:
 
     texts = [text for turn in history for text in turn] + [query]
     return [resolve_source(item["image"]) for text in texts for item in to_list_format(text) if "image" in item]
+
+
+class HistoryFileError(ValueError):
+    """A ``--history`` file that holds no conversation, with what was expected in one line."""
+
+
+HISTORY_EXPECTED = ("expected a JSON list of [query, response] pairs, or a result jsonl written by "
+                    "`vlswift infer` (infer_result/*.jsonl)")
+
+
+def load_history(path: str | Path) -> tuple[list[list[str]], str | None]:
+    """The conversation a ``--history`` file holds, and its system prompt when it names one.
+
+    The file is a JSON list of ``[query, response]`` pairs, or a result jsonl of ``vlswift infer``:
+    the chat then goes on after its last line (that line's ``history`` + ``[query, response]``,
+    with its ``system``).
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HistoryFileError(f"--history {path}: no such file; {HISTORY_EXPECTED}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HistoryFileError(f"--history {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+
+    def bad(why: str) -> HistoryFileError:
+        return HistoryFileError(f"--history {path}: {why}; {HISTORY_EXPECTED}")
+
+    def pairs(value: Any, where: str) -> list[list[str]]:
+        if not isinstance(value, list):
+            raise bad(f"{where} is not a list")
+        for i, turn in enumerate(value, 1):
+            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise bad(f"item {i} of {where} is not a [query, response] pair of strings")
+        return [list(turn) for turn in value]
+
+    try:
+        whole = json.loads(text)  # the list form, or a jsonl of one line
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise bad(f"line {e.lineno} is not valid JSON ({e.msg})") from None
+        whole = None
+    if isinstance(whole, list):
+        return pairs(whole, "the list"), None
+    if whole is not None:
+        record, where = whole, "the file"
+    else:
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if not lines:
+            raise bad("the file is empty")
+        number, line = lines[-1]
+        where = f"line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise bad(f"{where} (the last) is not valid JSON ({e.msg})") from None
+    if not (isinstance(record, dict) and isinstance(record.get("query"), str)
+            and isinstance(record.get("response"), str)):
+        raise bad(f"{where} has no \"query\" and \"response\" strings")
+    history = pairs(record.get("history") or [], f"the history of {where}")
+    system = record.get("system")
+    return history + [[record["query"], record["response"]]], system if isinstance(system, str) else None
 
 
 def info(message: str) -> None:

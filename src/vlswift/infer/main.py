@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "to
 
 @contextmanager
 def long_step(description: str) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr while a slow step (loading, merging) runs."""
+    """A spinner with the elapsed time on stderr while a slow step of unknown length (merging) runs."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -28,6 +29,25 @@ def long_step(description: str) -> Iterator[None]:
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         progress.add_task(description, total=None)
         yield
+
+
+@contextmanager
+def loading_bar(description: str, console=None) -> Iterator[None]:
+    """A progress bar over the bytes of weights loaded, on stderr while a model loads (terminals only).
+
+    Until the first tensor arrives (hub download, tokenizer) the bar pulses; it is erased at the end.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..models.loading import load_progress
+
+    console = console or Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=None)
+        with load_progress(lambda done, total: progress.update(task, completed=done, total=total)):
+            yield
 
 
 class ResultWriter:
@@ -87,13 +107,34 @@ def resolve_checkpoint(args: InferArguments):
     merged = default_output_dir(ckpt.path)
     if (merged / "config.json").is_file():
         # A merged folder only appears once complete (written aside, then renamed), and a
-        # checkpoint never changes after it is saved: reuse it rather than replace the user's files.
+        # checkpoint never changes after it is saved: reuse it rather than replace the user's files,
+        # but only if it merged this checkpoint into this base.
+        check_existing_merge(merged, ckpt, args.model_id_or_path)
         info(f"Using the existing merge {merged}")
     else:
         with long_step(f"Merging the LoRA checkpoint {ckpt.path} into its base model"):
             merged = merge_lora_checkpoint(ckpt.path, base_dir=args.model_id_or_path)
         info(f"Merged into {merged} (next time, `--ckpt_dir {merged}` skips the merge)")
     return inspect_ckpt_dir(merged, ckpt.model_type)
+
+
+def check_existing_merge(merged: Path, ckpt, base_dir: str | None) -> None:
+    """Refuse to reuse ``merged`` unless its ``sft_args.json`` says it merged ``ckpt`` into the base
+    that would be merged now (``base_dir``, else the one the checkpoint names)."""
+    from ..checkpoint import CheckpointDirError, read_sft_args
+    from ..export import find_base_dir, read_adapter_config
+
+    base = find_base_dir(ckpt.path, ckpt.sft_args, read_adapter_config(ckpt.path), ckpt.model_type, base_dir)
+    source = read_sft_args(merged).get("merged_from") or {}
+    wanted = {"ckpt_dir": ckpt.path.resolve(), "model_id_or_path": base}
+    if all(source.get(key) and Path(source[key]).resolve() == path for key, path in wanted.items()):
+        return
+    what = (f"holds {source.get('ckpt_dir')} merged into {source.get('model_id_or_path')}"
+            if source else "does not say what it was merged from (no merged_from in its sft_args.json)")
+    raise CheckpointDirError(
+        f"--merge_lora true: {merged} {what}, not {wanted['ckpt_dir']} merged into {base}: remove it to merge "
+        f"again, or run `vlswift export --ckpt_dir {wanted['ckpt_dir']} --model_id_or_path {base} --output_dir DIR` "
+        "and infer with --ckpt_dir DIR")
 
 
 def load_model_template(args: InferArguments, ckpt=None) -> Loaded:
@@ -103,7 +144,7 @@ def load_model_template(args: InferArguments, ckpt=None) -> Loaded:
 
     model_type = ckpt.model_type if ckpt is not None else args.model_type or "qwen-vl-chat"
     what = ckpt.path if ckpt is not None else args.model_id_or_path or model_type
-    with long_step(f"Loading {what}"):
+    with loading_bar(f"Loading {what}"):
         if ckpt is not None:
             model, tokenizer, ckpt = load_ckpt_model(ckpt.path, args.dtype, model_id_or_path=args.model_id_or_path,
                                                      model_type=model_type)
@@ -156,6 +197,14 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
 
     if args.model_type is not None:
         check_model_type(args.model_type)
+    history: list[list[str]] = []
+    if args.history:
+        # Read before the (slow) model load, so a bad file fails at once.
+        from .chat import load_history
+
+        history, saved_system = load_history(args.history)
+        if args.system is None and saved_system is not None:
+            args = dataclasses.replace(args, system=saved_system)  # the saved chat goes on as it was
     ckpt = resolve_checkpoint(args)
     samples = report = None
     if not args.eval_human:
@@ -195,7 +244,10 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
 
             if writer is not None:
                 info(f"Turns are appended to {writer.path}")
-            chat = Chat(loaded.model, loaded.template, loaded.generation_config, stream=args.stream, save=save,
+            if args.history:
+                info(f"History: {len(history)} turn(s) from {args.history}")
+            chat = Chat(loaded.model, loaded.template, loaded.generation_config, history=history,
+                        stream=args.stream, save=save,
                         multi_round=loaded.template.template_type != "default-generation",
                         boxes_prefix=result_path.with_suffix("") if args.draw_boxes else None)
             chat.run()
