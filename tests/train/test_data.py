@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 from vlswift.models.tiny import write_byte_vocab
 from vlswift.template import get_template
 from vlswift.tokenizer import QWenTokenizer
+from vlswift.train import data
 from vlswift.train.data import (
     DatasetError,
     DatasetReport,
@@ -270,17 +272,54 @@ def test_unknown_strategy():
 
 def test_builtin_without_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DatasetError, match="coco-en-mini needs the `datasets` package: pip install datasets"):
+    with pytest.raises(DatasetError, match="coco-en-mini needs the `datasets` package: pip install datasets") as e:
         load_dataset(["coco-en-mini"])
+    assert "pip install 'vlswift[datasets]'" in str(e.value)
 
 
-def fake_datasets(monkeypatch, tmp_path, load) -> None:
+def fake_datasets(monkeypatch, tmp_path, load, hub_reachable: bool = True) -> None:
+    """A ``datasets`` module whose ``load_dataset`` is ``load``; the hub check passes unless
+    ``hub_reachable`` is false."""
     module = types.ModuleType("datasets")
     module.load_dataset = load
     module.Image = lambda decode: ("Image", decode)
     module.config = types.SimpleNamespace(HF_DATASETS_CACHE=str(tmp_path / "hf-cache"))
     monkeypatch.setitem(sys.modules, "datasets", module)
     monkeypatch.delenv("USE_MODELSCOPE_HUB", raising=False)
+    if hub_reachable:
+        monkeypatch.setattr(data, "_hub_unreachable", lambda: None)
+
+
+def test_builtin_with_the_hub_unreachable_fails_fast_in_one_line(monkeypatch, tmp_path):
+    """Offline, the hub client retries for ~30 s, warning each time; one short request says it first."""
+    def load(hub_id, split):
+        raise AssertionError("the download must not be tried")
+
+    fake_datasets(monkeypatch, tmp_path, load, hub_reachable=False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.perf_counter()
+    with pytest.raises(DatasetError) as e:
+        load_dataset(["coco-en-mini"])
+    assert time.perf_counter() - started < 5
+    assert str(e.value) == ("could not download coco-en-mini (modelscope/coco_2014_caption, split validation): "
+                            "cannot reach http://127.0.0.1:9 (ConnectionError): offline? pass your own --dataset FILE "
+                            "(HF_HUB_OFFLINE=1 reads a copy downloaded before)")
+
+
+def test_builtin_in_offline_mode_reads_the_cache_without_asking_the_hub(monkeypatch, tmp_path):
+    import requests
+
+    def not_cached(hub_id, split):
+        raise ConnectionError("Couldn't find cache for modelscope/coco_2014_caption")
+
+    fake_datasets(monkeypatch, tmp_path, not_cached, hub_reachable=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(requests, "head", lambda *a, **k: pytest.fail("offline mode must not reach for the hub"))
+    with pytest.raises(DatasetError, match=r"^could not download coco-en-mini .*: Couldn't find cache for "
+                                           r"modelscope/coco_2014_caption: offline\? pass your own --dataset FILE$"):
+        load_dataset(["coco-en-mini"])
 
 
 def test_builtin_offline_says_so(monkeypatch, tmp_path):

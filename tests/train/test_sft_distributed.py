@@ -9,7 +9,10 @@ whole global batch, so the two runs agree to float rounding, step by step.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,28 @@ def test_fsdp_matches_one_process_and_resumes(fast_ckpt, example_data, train_arg
     got = load_file(str(Path(resumed["checkpoint"]) / "model.safetensors"))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["invalid JSON", "missing image"])
+def test_a_bad_dataset_under_torchrun_is_one_error_line(fast_ckpt, tmp_path, broken):
+    """Only rank 0 reads the data. When it fails, rank 1 stops too (no gloo "connection reset"
+    traceback) and the launcher shows rank 0's error alone (no torchrun failure report): one
+    line naming the file and line, status 1. Either while reading the file or while checking
+    its rows with the template (after every rank has loaded the tokenizer)."""
+    data = tmp_path / "data.jsonl"
+    if broken == "invalid JSON":
+        data.write_text('{"query": "Hi", "response": "Hello."}\n{"query": "Hi", "response"\n')
+        expected = f"error: {data}:2: invalid JSON: Expecting ':' delimiter at column 27"
+    else:
+        data.write_text('{"query": "Picture 1:<img>gone.png</img>\\nHi", "response": "Hello."}\n')
+        expected = (f"error: {data}:1: cannot load image gone.png: file not found ({tmp_path / 'gone.png'})")
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "COLUMNS": "1000"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlswift.cli", "sft", "--model_id_or_path", str(fast_ckpt), "--dataset", str(data),
+         "--check_dataset_strategy", "error", "--output_dir", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [expected], proc.stderr
+    assert not (tmp_path / "out").exists()
+

@@ -193,10 +193,112 @@ def test_torchrun_relaunch_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MASTER_PORT", "29501")
     assert distributed.torchrun_requested()
     cmd = distributed.torchrun_command(tmp_path / "args.json")
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29501",
+    # torchrun's flags, run by vlswift's quiet torchrun agent (distributed.agent_main).
+    assert cmd[1:] == ["-m", "vlswift.train.distributed", "--nproc_per_node", "4", "--master_port", "29501",
                        "-m", "vlswift.train.recipe", str(tmp_path / "args.json")]
     monkeypatch.setenv("LOCAL_RANK", "0")  # already one of the torchrun processes
     assert not distributed.torchrun_requested()
+
+
+def test_a_rank_error_reaches_the_launcher_as_one_line(tmp_path, monkeypatch):
+    from vlswift.train.data import DatasetError
+
+    monkeypatch.setenv(distributed.ERRORS_ENV, str(tmp_path))
+    for rank, error in ((1, FileNotFoundError("--model_id_or_path m: no such folder")),
+                        (0, DatasetError("data[1].jsonl:2: invalid JSON", "invalid JSON"))):
+        monkeypatch.setenv("RANK", str(rank))
+        assert distributed.report_error(error)
+    raised = distributed.reported_error(tmp_path)
+    assert type(raised) is DatasetError and str(raised) == "data[1].jsonl:2: invalid JSON"  # rank 0's
+    (tmp_path / "rank0.json").unlink()
+    raised = distributed.reported_error(tmp_path)
+    assert type(raised) is FileNotFoundError and str(raised) == "[rank 1] --model_id_or_path m: no such folder"
+    monkeypatch.delenv(distributed.ERRORS_ENV)
+    assert not distributed.report_error(ValueError("x"))  # torchrun run by hand: the rank prints it
+
+
+def test_the_start_line_says_how_many_samples_a_step_holds():
+    from types import SimpleNamespace
+
+    from vlswift.train.recipe import SftRecipe
+
+    def sizes(rows: int, batch_size: int, accumulation: int, world_size: int) -> str:
+        recipe = SftRecipe(SimpleNamespace(batch_size=batch_size, gradient_accumulation_steps=accumulation))
+        recipe.dist, recipe.train_samples = SimpleNamespace(world_size=world_size), [None] * rows
+        recipe.steps_per_epoch = recipe.count_steps_per_epoch()
+        return recipe.describe_step_sizes()
+
+    assert sizes(8, 2, 2, 1) == "4 samples"
+    assert sizes(10, 2, 2, 1) == "4 samples (the last of each epoch: 2)"
+    assert sizes(10, 1, 2, 2) == "4 samples (the last of each epoch: 2)"
+    assert sizes(3, 1, 16, 1) == "3 samples"  # fewer rows than a global batch of 16
+    assert sizes(3, 1, 8, 2) == "4 samples"  # the sampler repeats a row to even out the two shards
+
+
+def images_and_rows(folder: Path, n: int, missing: set[int]) -> list[dict]:
+    """``n`` one-picture rows; the rows in ``missing`` name a picture that does not exist."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), "red").save(folder / "images" / "red.png")
+    return [{"query": f"Picture 1:<img>images/{'gone' if i in missing else 'red'}.png</img>\nRow {i}?",
+             "response": f"Reply {i}."} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_held_out_split_left_empty_means_no_evaluation_not_no_run(
+        fast_ckpt, train_args, run_log, tmp_path, monkeypatch, capsys):
+    """Every held-out row names a missing picture (which rows are held out depends on
+    --dataset_seed): the run trains without evaluation. The skips are counted per split, and
+    the messages keep the brackets of the paths (they are not Rich markup)."""
+    from vlswift.train.data import split_dataset
+    from vlswift.train.recipe import sft_main
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.setenv("COLUMNS", "1000")  # one message, one line
+    folder = tmp_path / "set[v1]"
+    _, held_out = split_dataset(list(range(8)), 0.25, seed=42)
+    data = write_jsonl(folder / "data[1].jsonl", images_and_rows(folder, 8, set(held_out)))
+    out = folder / "out[v1]"
+    result = sft_main(train_args(fast_ckpt, data, out, val_dataset=[], dataset_test_ratio=0.25, max_steps=1,
+                                 check_dataset_strategy="warning"))
+    err = capsys.readouterr().err
+    assert result["last_model_checkpoint"] and result["best_model_checkpoint"] is None
+    for row in held_out:
+        assert f"warning: {data}:{row + 1}: cannot load image images/gone.png: file not found" in err
+    assert f"read 8 rows from {data}; none skipped" in err
+    assert "validation split: skipped 2 of 2 rows (2 unloadable image); see warnings above" in err
+    assert "training split" not in err
+    assert "warning: no validation row is left (all 2 skipped): no evaluation" in err
+    assert "6 train / 0 val rows; 1 steps of 4 samples" in err
+    assert f"run folder {out}/qwen-vl-chat/v0-" in err
+    assert f"last checkpoint: {result['last_model_checkpoint']}" in err
+    assert "best checkpoint: none (no validation rows, no evaluation)" in err
+    assert all(r.get("eval_loss") is None for r in run_log(result["run_dir"]))
+
+    # With --val_dataset as well: the held-out rows and the file's rows are one split, counted together.
+    extra = write_jsonl(folder / "val.jsonl", images_and_rows(folder, 2, {1}))
+    result = sft_main(train_args(fast_ckpt, data, out, val_dataset=[str(extra)], dataset_test_ratio=0.25, max_steps=1))
+    err = capsys.readouterr().err
+    assert "validation split: skipped 3 of 4 rows (3 unloadable image)" in err
+    assert "6 train / 1 val rows" in err and result["best_model_checkpoint"] == result["last_model_checkpoint"]
+
+
+def test_training_rows_are_required_and_counted_alone(fast_ckpt, train_args, tmp_path, monkeypatch):
+    from vlswift.train.data import DatasetError, split_dataset
+    from vlswift.train.recipe import sft_main
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    train, held_out = split_dataset(list(range(4)), 0.25, seed=42)
+    data = write_jsonl(tmp_path / "d.jsonl", images_and_rows(tmp_path, 4, set(train)))
+    with pytest.raises(DatasetError) as e:
+        sft_main(train_args(fast_ckpt, data, tmp_path / "out", val_dataset=[], dataset_test_ratio=0.25))
+    assert str(e.value) == (f"no usable rows in the training split of {data}: 3 skipped (3 unloadable image); "
+                            "use --check_dataset_strategy warning to list them")
 
 
 def test_cli_runs_a_short_training(fast_ckpt, example_data, tmp_path, monkeypatch, capsys):
@@ -204,6 +306,7 @@ def test_cli_runs_a_short_training(fast_ckpt, example_data, tmp_path, monkeypatc
     from vlswift import cli
 
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapped inside a path
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["sft", "--model_id_or_path", str(fast_ckpt), "--dataset", str(example_data),
                   "--dataset_test_ratio", "0.25", "--max_steps", "2", "--batch_size", "3",
@@ -213,7 +316,10 @@ def test_cli_runs_a_short_training(fast_ckpt, example_data, tmp_path, monkeypatc
     assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()
     args = json.loads((run / "sft_args.json").read_text())
     assert args["gradient_accumulation_steps"] == 6  # ceil(16 / 3 / 1)
-    assert "3 train / 1 val rows" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "3 train / 1 val rows" in err
+    assert "2 steps of 3 samples" in err  # a global batch of 18, but only 3 rows to fill it
+    assert f"last checkpoint: {run / 'checkpoint-2'}" in err and f"best checkpoint: {run / 'checkpoint-2'}" in err
 
 
 def test_a_single_process_on_cuda_gets_an_indexed_device(monkeypatch):

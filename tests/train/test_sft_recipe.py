@@ -2,12 +2,15 @@
 
 The acceptance of `vlswift sft`: training loss below 0.05 on a multi-turn, multi-image dataset,
 then greedy inference from the checkpoint reproduces every trained reply (history turns too),
-for LoRA on the default targets, LoRA on ALL linear layers, and full fine-tuning.
+for LoRA on the default targets, LoRA on ALL linear layers, and full fine-tuning; and the real
+`vlswift infer --ckpt_dir CKPT --val_dataset TRAIN_FILE --do_sample false` does too.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,15 @@ def test_lora_memorises_multi_turn_multi_image_replies(fast_ckpt, example_data, 
                       lora_rank=16, lora_alpha=64, lora_dropout_p=0.0, eval_steps=30)
     result = sft_main(args)
     assert_memorised(result, example_data, run_log(result["run_dir"]))
+
+    # The command a user runs next: every row's final reply, generated greedily, is its label.
+    infer_result = tmp_path / "infer.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "vlswift.cli", "infer", "--ckpt_dir", result["checkpoint"],
+                           "--val_dataset", str(example_data), "--do_sample", "false", "--result_path", str(infer_result)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in infer_result.read_text().splitlines()]
+    assert len(records) == 4 and [r["response"] for r in records] == [r["label"] for r in records]
 
     run = Path(result["run_dir"])
     assert run.parent == tmp_path / "output" / "qwen-vl-chat" and run.name.startswith("v0-")

@@ -16,8 +16,10 @@ with its images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -38,6 +40,7 @@ STRATEGIES = ("none", "discard", "warning", "error")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 IMAGE_REF = re.compile(re.escape(IMG_START) + "(.*?)" + re.escape(IMG_END), re.DOTALL)
 FILE_SUFFIXES = (".json", ".jsonl")
+HUB_CHECK_TIMEOUT_S = 5.0  # the reachability check before downloading a builtin dataset
 
 
 class DatasetError(ValueError):
@@ -471,14 +474,19 @@ def _load_builtin(name: str, n: int | None, seed: int, report: DatasetReport) ->
         import datasets
     except ImportError:
         raise DatasetError(f"builtin dataset {name} needs the `datasets` package: pip install datasets "
-                           "(or pass your own --dataset FILE)", "file") from None
+                           "(or pip install 'vlswift[datasets]'), or pass your own --dataset FILE", "file") from None
+    failed = f"could not download {name} ({entry.hub_id}, split {entry.split})"
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise DatasetError(f"{failed}: {unreachable}: offline? pass your own --dataset FILE "
+                           "(HF_HUB_OFFLINE=1 reads a copy downloaded before)", "file")
     try:
-        table = _download(entry)
+        with _quiet_hub_logs():
+            table = _download(entry)
         table = table.cast_column(entry.image_column, datasets.Image(decode=False))
     except Exception as e:  # noqa: BLE001 - hub and network failures come in many types; all mean the same here
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise DatasetError(f"could not download {name} ({entry.hub_id}, split {entry.split}): {reason}: "
-                           "offline? pass your own --dataset FILE", "file") from None
+        raise DatasetError(f"{failed}: {reason}: offline? pass your own --dataset FILE", "file") from None
     image_dir = Path(datasets.config.HF_DATASETS_CACHE) / "vlswift" / name / entry.split
     indices = list(range(len(table)))
     if n is not None:
@@ -497,6 +505,42 @@ def _load_builtin(name: str, n: int | None, seed: int, report: DatasetReport) ->
             continue
         samples.append(Sample(entry.query.format(image=image), response, [], None, source, image_dir))
     return samples
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, from one short request; None when it can.
+
+    Offline, the hub client would retry for half a minute, warning each time, before failing.
+    With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set ``datasets`` reads its cache only (and
+    fails fast by itself), and ModelScope has its own client: neither is checked.
+    """
+    from ..models.loading import use_modelscope
+
+    if use_modelscope() or any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None
+    import requests
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        requests.head(endpoint, timeout=HUB_CHECK_TIMEOUT_S)  # any answer, even an error status, is a hub
+    except requests.RequestException as e:
+        return f"cannot reach {endpoint} ({type(e).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """Hide the hub clients' warnings (one per retry): a failure ends in one error line anyway."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _download(entry: BuiltinDataset):
@@ -560,6 +604,8 @@ def validate_samples(samples: Sequence[Sample], template: Template, report: Data
     Finds over-long samples and unloadable images (each reported with its row and reason,
     through ``report`` and its strategy). Each sample is encoded, checked and dropped, so no
     decoded image is kept. ``num_proc`` > 1 uses threads: image decoding releases the GIL.
+    The result may be empty: whether that is an error (training) or not (validation) is the
+    caller's call (:meth:`DatasetReport.require_rows`).
     """
 
     def problem(sample: Sample) -> DatasetError | None:
@@ -581,7 +627,6 @@ def validate_samples(samples: Sequence[Sample], template: Template, report: Data
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    report.require_rows(good)
     return good
 
 

@@ -4,6 +4,12 @@
 swift does; the arguments travel as a JSON file, so the Python API re-launches the same way.
 Every process trains on its own shard of each global batch; gradients are averaged by DDP or
 reduce-scattered by FSDP2, and only rank 0 writes files.
+
+A user error in a rank (a bad dataset row, a missing folder) reaches the user as one line: the
+rank writes it to a report file instead of printing it, torchrun's agent runs quietly
+(:func:`agent_main`), and the re-launching process raises it again (:func:`launch_torchrun`).
+Work only rank 0 does (reading the data) goes through :func:`on_main`, so when it fails the
+other ranks stop at once instead of waiting on rank 0 until the process group times out.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 RESULT_ENV = "VLSWIFT_SFT_RESULT"
+ERRORS_ENV = "VLSWIFT_SFT_ERRORS"  # a folder where each failing rank writes rank<N>.json
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +45,9 @@ def torchrun_requested() -> bool:
 
 
 def torchrun_command(args_file: Path) -> list[str]:
-    """``python -m torch.distributed.run --nproc_per_node N [...] -m vlswift.train.recipe ARGS.json``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", os.environ.get("NPROC_PER_NODE", "1")]
+    """``python -m vlswift.train.distributed --nproc_per_node N [...] -m vlswift.train.recipe ARGS.json``
+    (torchrun's own flags, run by :func:`agent_main`)."""
+    cmd = [sys.executable, "-m", "vlswift.train.distributed", "--nproc_per_node", os.environ.get("NPROC_PER_NODE", "1")]
     for env, flag in (("NNODES", "--nnodes"), ("NODE_RANK", "--node_rank"),
                       ("MASTER_ADDR", "--master_addr"), ("MASTER_PORT", "--master_port")):
         if os.environ.get(env):
@@ -47,16 +56,80 @@ def torchrun_command(args_file: Path) -> list[str]:
 
 
 def launch_torchrun(args: dict[str, Any]) -> dict[str, Any]:
-    """Run the recipe in ``NPROC_PER_NODE`` processes and return rank 0's result (the API's return value)."""
+    """Run the recipe in ``NPROC_PER_NODE`` processes and return rank 0's result (the API's return value).
+
+    A rank's user error is raised here again with its one-line message (rank 0's when several
+    ranks failed), e.g. :class:`~vlswift.train.data.DatasetError` for a bad dataset.
+    """
     with tempfile.TemporaryDirectory(prefix="vlswift-sft-") as tmp:
-        args_file, result_file = Path(tmp) / "sft_args.json", Path(tmp) / "result.json"
+        args_file, result_file, errors = Path(tmp) / "sft_args.json", Path(tmp) / "result.json", Path(tmp) / "errors"
         args_file.write_text(json.dumps(args))
-        env = {**os.environ, RESULT_ENV: str(result_file)}
+        errors.mkdir()
+        env = {**os.environ, RESULT_ENV: str(result_file), ERRORS_ENV: str(errors)}
+        env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner about it
         code = subprocess.call(torchrun_command(args_file), env=env)
         if code != 0:
-            raise ChildProcessError(f"torchrun exited with status {code} (the processes' errors are above)")
+            raise reported_error(errors) or ChildProcessError(
+                f"torchrun exited with status {code} (the processes' errors are above)")
         # Ranks on other nodes have no result; rank 0's node does.
         return json.loads(result_file.read_text()) if result_file.is_file() else {}
+
+
+def report_error(error: BaseException) -> bool:
+    """In a rank started by :func:`launch_torchrun`: leave ``error`` for the launcher to raise
+    (True); elsewhere (torchrun run by hand) False, and the caller prints it."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder or not Path(folder).is_dir():
+        return False
+    kind = next((c.__name__ for c in type(error).__mro__ if c.__name__ in _reported_types()), "ChildProcessError")
+    rank = int(os.environ.get("RANK", "0"))
+    path = Path(folder) / f"rank{rank}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"rank": rank, "type": kind, "message": str(error) or type(error).__name__}))
+    os.replace(tmp, path)
+    return True
+
+
+def _reported_types() -> dict[str, type[Exception]]:
+    """What a rank's error is raised as again: the first of these in its MRO (else ChildProcessError)."""
+    from .data import DatasetError
+
+    return {"DatasetError": DatasetError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+
+
+def reported_error(folder: Path) -> Exception | None:
+    """The error the lowest failing rank reported (``[rank N]`` in front unless it is rank 0), or None."""
+    reports = sorted((json.loads(p.read_text()) for p in Path(folder).glob("rank*.json")), key=lambda r: r["rank"])
+    if not reports:
+        return None
+    first = reports[0]
+    message = first["message"] if first["rank"] == 0 else f"[rank {first['rank']}] {first['message']}"
+    return _reported_types().get(first["type"], ChildProcessError)(message)
+
+
+def agent_main(argv: list[str]) -> None:
+    """``python -m vlswift.train.distributed TORCHRUN_ARGS``: torchrun, without its failure noise.
+
+    When a rank fails torchrun logs it, signals the others and ends in a ``ChildFailedError``
+    traceback with a table of exit codes: some forty lines that bury the rank's own one-line
+    error. Here a failure the ranks reported (:func:`report_error`) ends quietly with status 1,
+    and any other failure in one line per failed rank.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.disable(logging.ERROR)  # torchrun's logs of the failure; what matters is said below
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        folder = os.environ.get(ERRORS_ENV)
+        if not (folder and any(Path(folder).glob("rank*.json"))):
+            for rank, failure in sorted(e.failures.items()):
+                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"status {failure.exitcode}"
+                print(f"error: rank {rank} (pid {failure.pid}) exited with {how}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +203,32 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T], share: bool = False) -> T | None:
+    """``fn()`` on rank 0 only; its result on every rank with ``share``, else None on the others.
+
+    When ``fn`` raises on rank 0 the others raise :class:`MainRankFailed` at once (rank 0 says
+    what went wrong), rather than waiting for rank 0 until gloo or NCCL gives up with a
+    "connection reset" traceback of their own.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    value = None
+    if dist.get_rank() == 0:
+        try:
+            value = fn()
+        except BaseException:
+            broadcast_object((False, None))
+            raise
+    ok, shared = broadcast_object((True, value if share else None))
+    if not ok:
+        raise MainRankFailed("rank 0 failed; its error says why")
+    return shared if share else value
+
+
+class MainRankFailed(ChildProcessError):
+    """Raised on the other ranks when rank 0 failed in :func:`on_main` (rank 0 reports the error)."""
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -278,3 +377,7 @@ def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(folder))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+if __name__ == "__main__":
+    agent_main(sys.argv[1:])

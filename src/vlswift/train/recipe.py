@@ -36,7 +36,7 @@ from .checkpointing import (
     SHARDED_OPTIMIZER, TRAINING_STATE, Checkpoints, find_resume_checkpoint, load_training_state, new_run_dir,
     rng_state, save_full_model, save_lora_adapter, set_rng_state, write_json,
 )
-from .data import EncodedDataset, collate, load_dataset, split_dataset, validate_samples
+from .data import DatasetError, DatasetReport, EncodedDataset, collate, load_dataset, split_dataset, validate_samples
 from .lora import (
     apply_lora, count_parameters, freeze_vision_tower, load_lora_weights, resolve_target_modules, vision_is_trainable,
 )
@@ -77,7 +77,7 @@ class SftRecipe:
         self.resume_dir = find_resume_checkpoint(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         resume_state = load_training_state(self.resume_dir) if self.resume_dir else None
         # Dataset files are read before the model is looked for: a typo fails in a second, not after a download.
-        rows = self.read_data() if self.dist.is_main else None
+        rows = distributed.on_main(self.read_data)
         # Full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the adapter.
         self.base_dir = self.resolve_base_dir()
         weights_dir = self.resume_dir if self.resume_dir and args.sft_type == "full" else self.base_dir
@@ -86,7 +86,7 @@ class SftRecipe:
         self.template = get_template(get_default_template_type(args.model_type), tokenizer, args.system,
                                      args.max_length, args.truncation_strategy)
         self.pad_id = tokenizer.pad_token_id
-        self.train_samples, self.val_samples = self.validate_data(rows)
+        self.train_samples, self.val_samples = distributed.on_main(lambda: self.validate_data(*rows), share=True)
 
         seed_everything(args.seed)  # the same LoRA initialisation on every rank
         self.model = self.build_model(weights_dir)
@@ -98,8 +98,7 @@ class SftRecipe:
             warmup=math.ceil(args.warmup_ratio * self.total_steps)))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-        self.run_dir = distributed.broadcast_object(
-            new_run_dir(args.output_dir, args.model_type) if self.dist.is_main else None)
+        self.run_dir = distributed.on_main(lambda: new_run_dir(args.output_dir, args.model_type), share=True)
         self.sft_args = self.describe_run()
         if self.dist.is_main:
             write_json(self.run_dir / "sft_args.json", self.sft_args)
@@ -116,7 +115,7 @@ class SftRecipe:
         self.log.info(f"run folder {self.run_dir}")
         self.log.info(f"{args.sft_type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%); "
                       f"{len(self.train_samples)} train / {len(self.val_samples)} val rows; {self.total_steps} steps of "
-                      f"{self.global_batch_size} samples; {self.dist.world_size} process(es), "
+                      f"{self.describe_step_sizes()}; {self.dist.world_size} process(es), "
                       f"{'FSDP' if args.fsdp else 'DDP' if self.dist.distributed else 'single'} on {self.device}")
 
     def resolve_base_dir(self) -> Path:
@@ -128,11 +127,15 @@ class SftRecipe:
             base = json.loads((self.resume_dir / "sft_args.json").read_text()).get("model_id_or_path")
         return resolve_model_dir(self.args.model_type, base).absolute()
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, warning: bool = False) -> None:
+        """Print ``message`` on rank 0, as plain text: it holds file names and rows, which may hold brackets."""
         if self.dist.is_main:
             from rich.console import Console
+            from rich.markup import escape
 
-            Console(stderr=True, highlight=False).print(message)
+            # soft_wrap: a long path stays in one piece, to copy from the terminal.
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                ("[yellow]warning:[/] " if warning else "") + escape(message))
 
     def read_data(self) -> tuple[list, list, list]:
         """Rank 0: the dataset files as (train rows, validation rows, reports), split as swift does."""
@@ -146,22 +149,36 @@ class SftRecipe:
             val, reports = val + extra, reports + [val_report]
         return train, val, reports
 
-    def validate_data(self, rows: tuple[list, list, list] | None) -> tuple[list, list]:
-        """Rank 0 encodes every row once with the template (over-long rows, unloadable images are
-        reported and skipped) and prints the summary; every rank receives the rows that train."""
+    def validate_data(self, train: list, val: list, reports: list) -> tuple[list, list]:
+        """Rank 0: encode every row once with the template (over-long rows, unloadable images are
+        reported and skipped) and print what each file and split lost; returns (train, val).
+
+        Each split has its own count. Only training must keep rows: a validation split left
+        empty (say every held-out row names a missing image) means no evaluation, not no run.
+        """
         args = self.args
-        result = None
-        if rows is not None:
-            train, val, reports = rows
-            train = validate_samples(train, self.template, reports[0], args.preprocess_num_proc)
-            if val:  # no validation rows at all is fine: no evaluation, no best checkpoint
-                val = validate_samples(val, self.template, reports[-1], args.preprocess_num_proc)
-            for report in reports:
-                for message in report.messages:
-                    self.say(f"[yellow]warning:[/] {message}")
-                self.say(report.summary())
-            result = (train, val)
-        return distributed.broadcast_object(result)
+        files = ", ".join(reports[0].sources)
+        if not train:
+            raise DatasetError(f"no training rows: --dataset_test_ratio {args.dataset_test_ratio} holds out "
+                               f"all {len(val)} rows of {files}", "empty dataset")
+        strategy = args.check_dataset_strategy
+        splits = {"training": DatasetReport(strategy, [f"the training split of {files}"], len(train)),
+                  "validation": DatasetReport(strategy, ["the validation split"], len(val))}
+        train = validate_samples(train, self.template, splits["training"], args.preprocess_num_proc)
+        val = validate_samples(val, self.template, splits["validation"], args.preprocess_num_proc)
+        for report in reports + list(splits.values()):
+            for message in report.messages:
+                self.say(message, warning=True)
+        for report in reports:
+            self.say(report.summary())
+        for name, report in splits.items():
+            if report.n_skipped:
+                self.say(f"{name} split: {report.summary()}")
+        splits["training"].require_rows(train)
+        if splits["validation"].total and not val:
+            self.say(f"no validation row is left (all {splits['validation'].total} skipped): "
+                     "no evaluation and no best checkpoint in this run", warning=True)
+        return train, val
 
     def build_model(self, weights_dir: Path) -> torch.nn.Module:
         args, dist = self.args, self.dist
@@ -215,6 +232,17 @@ class SftRecipe:
         micro_batches = -(-per_rank // self.args.batch_size)
         return max(1, -(-micro_batches // self.args.gradient_accumulation_steps))
 
+    def describe_step_sizes(self) -> str:
+        """How many samples a step holds: a full global batch, except the last step of an epoch
+        (or every step, when the data is smaller than one global batch), which takes what is left."""
+        per_rank = -(-len(self.train_samples) // self.dist.world_size)  # the sampler evens out the shards
+        per_step = self.args.batch_size * self.args.gradient_accumulation_steps
+        last = (per_rank - (self.steps_per_epoch - 1) * per_step) * self.dist.world_size
+        full = self.global_batch_size
+        if self.steps_per_epoch == 1 or last == full:
+            return f"{last} samples"
+        return f"{full} samples (the last of each epoch: {last})"
+
     def describe_run(self) -> dict[str, Any]:
         """``sft_args.json``: every option, with the base folder, data paths and defaults resolved."""
         info = dataclasses.asdict(self.args)
@@ -241,8 +269,8 @@ class SftRecipe:
         if len(rngs) == self.dist.world_size:
             self.rng_to_restore = rngs[self.dist.rank]
         else:
-            self.say(f"[yellow]warning:[/] the checkpoint was written by {len(rngs)} process(es), this run has "
-                     f"{self.dist.world_size}: random streams (dropout) restart from --seed")
+            self.say(f"the checkpoint was written by {len(rngs)} process(es), this run has "
+                     f"{self.dist.world_size}: random streams (dropout) restart from --seed", warning=True)
         self.say(f"resumed from {self.resume_dir} at step {self.step} (epoch {self.epoch})")
         return state.get("history")
 
@@ -294,6 +322,8 @@ class SftRecipe:
         }
         result["checkpoint"] = result["best_model_checkpoint"] or result["last_model_checkpoint"]
         self.log.close(final=result)
+        self.say(f"last checkpoint: {result['last_model_checkpoint']}")
+        self.say(f"best checkpoint: {result['best_model_checkpoint'] or 'none (no validation rows, no evaluation)'}")
         if self.dist.is_main and os.environ.get(distributed.RESULT_ENV):
             write_json(Path(os.environ[distributed.RESULT_ENV]), result)
         return result
@@ -441,16 +471,23 @@ def lr_factor(step: int, kind: str, total: int, warmup: int) -> float:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m vlswift.train.recipe ARGS.json``: what each torchrun process runs."""
+    """``python -m vlswift.train.recipe ARGS.json``: what each torchrun process runs.
+
+    A user error goes to the re-launching process, which shows it (see
+    :func:`distributed.report_error`); under a torchrun started by hand each rank prints its own.
+    """
     from ..cli import debug_enabled, print_error
 
     args = SftArguments(**json.loads(Path(argv[0]).read_text()))
     try:
         sft_main(args)
+    except distributed.MainRankFailed:
+        sys.exit(1)  # rank 0 reports why
     except (ValueError, FileNotFoundError, OSError) as e:
         if debug_enabled():
             raise
-        print_error(f"[rank {os.environ.get('RANK', 0)}] {e}")
+        if not distributed.report_error(e):
+            print_error(f"[rank {os.environ.get('RANK', 0)}] {e}")  # print_error escapes markup
         sys.exit(1)
 
 

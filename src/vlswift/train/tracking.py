@@ -36,8 +36,9 @@ class RunLog:
             self.progress = TrainProgress(self.console, total_steps, start_step)
 
     def info(self, message: str) -> None:
+        """Print a plain line (no Rich markup: it may hold paths with brackets)."""
         if self.enabled:
-            (self.progress.progress.console if self.progress else self.console).print(message)
+            (self.progress.progress.console if self.progress else self.console).print(message, markup=False)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append a record (``step`` plus metrics) to logging.jsonl and TensorBoard."""
