@@ -33,12 +33,21 @@ def make_tiny_checkpoint(
     vision_layers: int = 2,
     seq_length: int = 2048,
     dtype: torch.dtype = torch.float32,
+    patch_size: int = 14,
+    head_std: float | None = None,
 ) -> Path:
     """Write a random Qwen-VL checkpoint (weights, config, generation and tokenizer files).
 
     Without ``vocab_file`` the vocabulary is byte-level (256 ranks + the special tokens), so
     the model is small enough to train in seconds on a CPU; with the real ``qwen.tiktoken``
     the ids are the official ones.
+
+    Two settings make fine-tuning on a CPU quick (the training tests use ``patch_size=28,
+    head_std=0.5``): 28-pixel patches give 256 patches per 448-pixel image instead of 1024
+    (16x less vision attention; the positional grid is then exactly 16 x 16); ``head_std``
+    draws the output head wider than the usual 0.02, because a freshly initialised tiny
+    model's logits span too few nats for LoRA (which never trains ``lm_head``) to memorise
+    replies with.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,10 +64,14 @@ def make_tiny_checkpoint(
         num_attention_heads=heads, kv_channels=hidden_size // heads, intermediate_size=4 * hidden_size,
         seq_length=seq_length, fp32=dtype == torch.float32, bf16=dtype == torch.bfloat16,
         visual={"heads": max(1, vision_width // 16), "layers": vision_layers, "width": vision_width,
-                "mlp_ratio": 2.0, "output_dim": hidden_size, "image_start_id": eod + 3 + 205 + 6},
+                "mlp_ratio": 2.0, "output_dim": hidden_size, "image_start_id": eod + 3 + 205 + 6,
+                "patch_size": patch_size},
     )
     torch.manual_seed(seed)
     model = build_model(config, dtype, "cpu")
+    if head_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, head_std)
     save_official(model, out, dtype)
     (out / "generation_config.json").write_text(json.dumps({
         "chat_format": "chatml", "eos_token_id": eod, "pad_token_id": eod, "max_window_size": 6144,
