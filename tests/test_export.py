@@ -74,6 +74,20 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def assert_merged_logits(merged: nn.Module, adapted: nn.Module, base: nn.Module, enc: dict, min_change: float,
+                         case: tuple) -> None:
+    """The merged model's float32 last-position logits for the encoded query ``enc`` are base +
+    adapter's within 1e-4, and the base model's differ from them by more than ``min_change``."""
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        want = adapted(input_ids=ids, images=enc["images"]).logits[0, -1]
+        got = merged(ids, images=enc["images"]).logits[0, -1]
+        before = base(ids, images=enc["images"]).logits[0, -1]
+    assert got.dtype == want.dtype == torch.float32, case
+    assert (got - want).abs().max().item() < 1e-4, case
+    assert (before - want).abs().max().item() > min_change, ("the adapter should change the model", case)
+
+
 def leftovers(target: Path) -> list[str]:
     """Temp folders a merge into ``target`` left beside it."""
     return [p.name for p in target.parent.glob(f".{target.name}.*")]
@@ -117,14 +131,7 @@ def test_merged_logits_equal_base_plus_adapter(merged_run, tiny_ckpt, image_quer
     base = load_pretrained(tiny_ckpt, torch.float32, "cpu")
     template = get_template("qwen", tokenizer)
     for query in ("Say something.", image_query):
-        enc = template.encode(query)
-        ids = torch.tensor([enc["input_ids"]])
-        with torch.no_grad():
-            want = peft_model(input_ids=ids, images=enc["images"]).logits[0, -1]
-            got = merged(ids, images=enc["images"]).logits[0, -1]
-            before = base(ids, images=enc["images"]).logits[0, -1]
-        assert (got - want).abs().max().item() < 1e-4, (name, query)
-        assert (before - want).abs().max().item() > 1e-2, "the adapter should change the model"
+        assert_merged_logits(merged, peft_model, base, template.encode(query), min_change=1e-2, case=(name, query))
 
 
 def test_all_targets_merge_into_the_vision_tower(lora_runs, tiny_ckpt):
@@ -220,6 +227,7 @@ def test_real_sft_checkpoint_merges_to_base_plus_adapter(sft_runs, target, tiny_
     merged = load_pretrained(merged_dir, torch.float32, "cpu")
     base_plus_adapter = PeftModel.from_pretrained(load_pretrained(tiny_ckpt, torch.float32, "cpu"), str(ckpt),
                                                   is_trainable=False).eval()
+    base = load_pretrained(tiny_ckpt, torch.float32, "cpu")
     if target == "ALL":
         assert any(".visual." in n and ".lora_A." in n for n, _ in base_plus_adapter.named_parameters()), \
             "ALL should put LoRA on the vision tower too"
@@ -227,15 +235,8 @@ def test_real_sft_checkpoint_merges_to_base_plus_adapter(sft_runs, target, tiny_
     cfg = SamplingConfig(max_new_tokens=12, stop_token_ids=template.stop_token_ids)  # greedy
     for query in ("Hello!", image_query):
         enc = template.encode(query)
-        ids = torch.tensor([enc["input_ids"]])
-        with torch.no_grad():
-            want = base_plus_adapter(input_ids=ids, images=enc["images"]).logits[0, -1]
-            got = merged(ids, images=enc["images"]).logits[0, -1]
-            with base_plus_adapter.disable_adapter():
-                before = base_plus_adapter(input_ids=ids, images=enc["images"]).logits[0, -1]
-        assert got.dtype == want.dtype == torch.float32
-        assert (got - want).abs().max().item() < 1e-4, (target, query)
-        assert (before - want).abs().max().item() > 1e-3, "the training steps should change the model"
+        # min_change: the training steps should change the model.
+        assert_merged_logits(merged, base_plus_adapter, base, enc, min_change=1e-3, case=(target, query))
         # Generated ids, not text: the tiny model may pick vocabulary rows the tokenizer cannot decode.
         replies = []
         for model in (base_plus_adapter, merged):
@@ -474,6 +475,49 @@ def test_overwrite_only_when_asked_and_only_once_complete(tiny_ckpt, tmp_path, m
         with pytest.raises(ExportError, match="would overwrite the checkpoint or the base model"):
             merge_lora_checkpoint(ckpt, folder, overwrite=True)
     assert (ckpt / "adapter_config.json").is_file()
+
+
+def test_merged_files_reach_the_disk_before_the_rename(tiny_ckpt, tmp_path, monkeypatch):
+    """A new and an overwriting merge: each file and folder is fsynced before the temp folder is
+    renamed to the target, the parent folder (the rename) after it, before the old one is deleted."""
+    _, ckpt = make_lora_checkpoint(tiny_ckpt, tmp_path / "run", target_modules=["c_attn"])
+    target = tmp_path / "out" / "merged"
+    synced: list[tuple[int, int]] = []
+    renames: list[tuple[Path, int]] = []  # (destination, fsync calls before it)
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    def identity(path: Path) -> tuple[int, int]:
+        st = path.lstat()
+        return st.st_dev, st.st_ino
+
+    def replace(src, dst):
+        if Path(dst) == target:
+            unsynced = [p for p in [Path(src), *Path(src).rglob("*")] if identity(p) not in synced]
+            assert unsynced == [], "renamed into place before these were fsynced"
+        renames.append((Path(dst), len(synced)))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(f".{target.name}.old-"):  # the replaced folder goes once the new one is durable
+            assert identity(target.parent) in synced[renames[-1][1]:]
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    for overwrite in (False, True):
+        synced.clear()
+        renames.clear()
+        assert merge_lora_checkpoint(ckpt, target, max_shard_size="100KB", overwrite=overwrite) == target
+        assert len(list(target.glob("model-*.safetensors"))) > 1
+        (i,) = [n for n, (dst, _) in enumerate(renames) if dst == target]
+        assert identity(target.parent) in synced[renames[i][1]:], "the rename itself was not fsynced"
+    assert not leftovers(target)
 
 
 def test_merged_folder_has_the_umask_mode(tiny_ckpt, tmp_path):

@@ -208,13 +208,21 @@ def check_target(target: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temp folder beside ``target`` that becomes ``target`` (via ``os.replace``) only on success."""
+    """A temp folder beside ``target`` that becomes ``target`` (via ``os.replace``) only on success.
+
+    Its files are flushed to disk before the rename and the rename before an old ``target`` is
+    deleted, so a power loss leaves the old folder or the complete new one, never empty files.
+    """
+    from .train.checkpointing import fsync_path, sync_tree  # torch is loaded by then: the merge uses it
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_folder(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
+        sync_tree(tmp)
         if not target.exists():
             os.replace(tmp, target)
+            fsync_path(target.parent)
             return
         check_target(target, overwrite)  # it may have appeared while we were writing
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
@@ -225,6 +233,7 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         except OSError:
             os.replace(old / target.name, target)
             raise
+        fsync_path(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -152,6 +152,48 @@ def test_a_failed_write_leaves_no_checkpoint(tmp_path):
     assert not list(tmp_path.iterdir()) and checkpoints.last is None
 
 
+def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Every file and folder of a checkpoint is fsynced before it is renamed into place, and the
+    run folder (the rename) after it, before rotation deletes the older checkpoint."""
+    import os
+
+    def inode(path: Path) -> tuple[int, int]:
+        st = path.lstat()
+        return st.st_dev, st.st_ino
+
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        if Path(dst).name.startswith("checkpoint-"):
+            synced = {key for kind, key in events if kind == "fsync"}
+            written = [Path(src), *Path(src).rglob("*")]
+            assert [p.name for p in written if inode(p) not in synced] == []
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def write(folder: Path) -> None:  # weights plus a subfolder, as FSDP's sharded optimizer state
+        (folder / "weights").write_text("w")
+        (folder / "optimizer").mkdir()
+        (folder / "optimizer" / "__0_0.distcp").write_bytes(b"state")
+
+    checkpoints = Checkpoints(tmp_path, save_total_limit=1, is_main=True)
+    checkpoints.save(1, write, None)
+    checkpoints.save(2, write, None)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    renamed = events.index(("replace", "checkpoint-2"))
+    deleted = events.index(("replace", ".checkpoint-1.deleting"))
+    assert ("fsync", inode(tmp_path)) in events[renamed:deleted]
+
+
 def test_best_of_an_earlier_run_is_linked_after_a_resume(tmp_path):
     earlier, later = tmp_path / "v0-a", tmp_path / "v1-b"
     earlier.mkdir()

@@ -1,9 +1,10 @@
 """The run folder and its checkpoints: naming, atomic writes, rotation, best/last, training state.
 
-A checkpoint is written into ``.checkpoint-<step>.tmp`` beside its target and renamed into
-place when complete, so a crash never leaves a half-written ``checkpoint-<step>``. Resuming
-needs the weights (adapter or full model) plus ``training_state.pt``: optimizer, scheduler,
-grad scaler, every rank's RNG, the step and the data position.
+A checkpoint is written into ``.checkpoint-<step>.tmp`` beside its target, flushed to disk and
+renamed into place when complete, so neither a crash nor a power loss leaves a half-written (or
+complete-looking but empty) ``checkpoint-<step>``. Resuming needs the weights (adapter or full
+model) plus ``training_state.pt``: optimizer, scheduler, grad scaler, every rank's RNG, the step
+and the data position.
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder under it and itself (bottom up).
+
+    Call it before renaming a freshly written folder into place: a rename can reach the disk
+    before the files' data does, so a power loss could otherwise leave a complete-looking folder
+    of empty files. Symlinks are skipped (their targets are not ours to flush).
+    """
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(root)
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync one file, or one folder's entries (a no-op for folders on Windows, which cannot open them)."""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def checkpoint_step(path: Path) -> int | None:
     m = CHECKPOINT.fullmatch(path.name)
     return int(m.group(1)) if m else None
@@ -87,9 +114,11 @@ class Checkpoints:
             self.best, self.best_metric = final, eval_loss
         self.last = final
         if self.is_main:
+            sync_tree(tmp)  # FSDP ranks' shards too: the barrier above waited for their writes
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_path(self.run_dir)  # the rename itself, before rotation deletes older checkpoints
             self._mark("last", final)
             if self.best is not None:
                 self._mark("best", self.best)
