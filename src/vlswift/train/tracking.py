@@ -44,7 +44,10 @@ class RunLog:
         """Append a record (``step`` plus metrics) to logging.jsonl and TensorBoard."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # Strict JSON: a non-finite value (an fp16 step the GradScaler skipped has an infinite
+        # grad norm) is written as null, which every JSON reader takes.
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(finite, ensure_ascii=False, allow_nan=False) + "\n")
         self.jsonl.flush()
         step = record.get("step", 0)
         for key, value in record.items():
