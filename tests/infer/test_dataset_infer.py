@@ -78,30 +78,62 @@ def test_bad_rows_skipped_with_warning(infer_workdir, run_cli, tmp_path, read_js
     assert len(rows) == 1 and rows[0]["label"] is None and rows[0]["query"] == "Hello! Who are you?"
 
 
-def test_rows_are_flushed_one_by_one(infer_workdir, tmp_path, monkeypatch):
-    """An interrupted run keeps the rows already done."""
+@pytest.mark.parametrize("batch_size,failing_call,error", [(1, 3, KeyboardInterrupt), (2, 2, RuntimeError)])
+def test_an_interrupted_run_keeps_the_finished_batches(batch_size, failing_call, error, infer_workdir, tmp_path,
+                                                       monkeypatch, capsys):
+    """Each row is appended (and the file closed) as soon as its batch's generation returns, so
+    when a later batch is interrupted (Ctrl-C) or fails, the rows done are on disk, as valid jsonl."""
     from vlswift.infer import dataset_infer
     from vlswift.infer.args import InferArguments
     from vlswift.infer.main import infer_main
 
     result = tmp_path / "partial.jsonl"
-    data = str(infer_workdir / "golden.jsonl")
+    data = infer_workdir / "golden.jsonl"
     real = dataset_infer.generate_batch
     calls = []
 
-    def generate_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def generate_then_fail(model, encoded, cfg, pad_id):
+        calls.append(len(encoded))
+        if len(calls) == failing_call:
             assert len(result.read_text().splitlines()) == 2  # on disk before the next batch starts
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+            raise error("generation stopped")
+        return real(model, encoded, cfg, pad_id)
 
-    monkeypatch.setattr(dataset_infer, "generate_batch", generate_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        infer_main(InferArguments(model_id_or_path=str(infer_workdir), val_dataset=[data],
-                                  max_new_tokens=1, result_path=str(result), verbose=False))
-    assert [json.loads(line)["query"] for line in result.read_text().splitlines()] == [
-        json.loads(line)["query"] for line in (infer_workdir / "golden.jsonl").read_text().splitlines()[:2]]
+    monkeypatch.setattr(dataset_infer, "generate_batch", generate_then_fail)
+    with pytest.raises(error, match="generation stopped"):
+        infer_main(InferArguments(model_id_or_path=str(infer_workdir), val_dataset=[str(data)],
+                                  batch_size=batch_size, max_new_tokens=1, result_path=str(result), verbose=False))
+    assert calls == [batch_size] * failing_call
+    text = result.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["query"] for r in rows] == [json.loads(line)["query"] for line in data.read_text().splitlines()[:2]]
+    assert all(set(r) == {"system", "query", "history", "response", "label", "images"} for r in rows)
+    assert f"Results: {result}" in capsys.readouterr().err  # the path is still printed
+
+
+def test_same_seed_same_samples(infer_workdir, tmp_path):
+    """--do_sample true: --seed decides the replies (hot sampling over the whole vocabulary of the
+    random golden model, so two seeds giving the same 8 tokens on 3 rows is out of reach)."""
+    import torch
+
+    from vlswift.infer.args import InferArguments
+    from vlswift.infer.main import infer_main
+
+    data = str(infer_workdir / "golden.jsonl")
+
+    def replies(seed: int) -> list[str]:
+        torch.rand(7)  # the global generator moves between runs: only --seed may make them agree
+        out = infer_main(InferArguments(model_id_or_path=str(infer_workdir), val_dataset=[data],
+                                        show_dataset_sample=3, do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
+                                        max_new_tokens=8, seed=seed, batch_size=2, save_result=False, verbose=False))
+        return [r["response"] for r in out["result"]]
+
+    first = replies(1)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert replies(1) == first
+    other = replies(2)
+    assert all(a != b for a, b in zip(other, first))
 
 
 def test_save_result_false_writes_nothing(infer_workdir, tmp_path, capsys):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +156,85 @@ def test_loading_shows_a_progress_bar_over_the_weights(golden_ckpt):
         get_model_tokenizer("qwen-vl-chat", "fp32", {"device_map": "cpu"}, model_id_or_path=str(golden_ckpt))
     frames = out.getvalue()
     assert "Loading golden" in frames and f"{size / 1e6:.1f}/{size / 1e6:.1f} MB" in frames
+
+
+GENERATION_FILE = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+                   "max_new_tokens": 7, "do_sample": True, "temperature": 0.65, "top_k": 13, "top_p": 0.55,
+                   "repetition_penalty": 1.15}
+
+
+def with_generation_file(where: str, golden_ckpt: Path, dataset: Path, tmp_path: Path) -> Path:
+    """The golden base folder / full checkpoint (``full``) or a LoRA checkpoint of it (``lora``),
+    with ``GENERATION_FILE`` as its generation_config.json (the golden one says max_new_tokens 512,
+    top_p 0.3, top_k 0)."""
+    if where == "lora":
+        # swift saves the run's generation config in a LoRA checkpoint; `vlswift export` copies it
+        # into the merged model, so inferring the checkpoint unmerged must use it too.
+        folder = make_lora_ckpt(golden_ckpt, tmp_path / "output", dataset)
+    else:
+        folder = tmp_path / "full"
+        folder.mkdir()
+        for f in golden_ckpt.iterdir():
+            if f.name != "generation_config.json":
+                os.symlink(f, folder / f.name)
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_FILE))
+    return folder
+
+
+@pytest.mark.parametrize("flag,kind", [("model_id_or_path", "full"), ("ckpt_dir", "full"), ("ckpt_dir", "lora")])
+def test_generation_defaults_come_from_generation_config_json(flag, kind, golden_ckpt, infer_workdir, tmp_path,
+                                                              monkeypatch, capsys):
+    from vlswift.infer import dataset_infer
+    from vlswift.infer.args import InferArguments
+    from vlswift.infer.engine import SamplingConfig
+    from vlswift.infer.main import infer_main
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"query": "Hello! Who are you?"}\n')
+    configs: list[SamplingConfig] = []
+
+    def capture(model, encoded, cfg, pad_id):
+        configs.append(cfg)
+        return [[] for _ in encoded]
+
+    monkeypatch.setattr(dataset_infer, "generate_batch", capture)
+    place = {flag: str(with_generation_file(kind, golden_ckpt, infer_workdir / "golden.jsonl", tmp_path))}
+
+    def run(**flags) -> SamplingConfig:
+        configs.clear()
+        infer_main(InferArguments(val_dataset=[str(data)], save_result=False, verbose=False, **place, **flags))
+        assert len(configs) == 1
+        return configs[0]
+
+    cfg = run()
+    assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
+            cfg.num_beams) == (7, True, 0.65, 13, 0.55, 1.15, 1)
+    assert ("Generation: max_new_tokens=7, sampling (temperature=0.65, top_k=13, top_p=0.55), "
+            "repetition_penalty=1.15") in capsys.readouterr().err
+    # A flag given wins over the file; the others still come from it.
+    cfg = run(top_p=0.9, max_new_tokens=3)
+    assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty) == (
+        3, True, 0.65, 13, 0.9, 1.15)
+    cfg = run(do_sample=False, repetition_penalty=1.0)
+    assert (cfg.max_new_tokens, cfg.do_sample, cfg.repetition_penalty) == (7, False, 1.0)
+    assert "Generation: max_new_tokens=7, greedy\n" in capsys.readouterr().err
+
+
+def test_default_result_path_is_under_the_checkpoint(lora_ckpt, tmp_path, capsys):
+    """No --result_path with --ckpt_dir: ``<ckpt_dir>/infer_result/<YYYYmmdd-HHMMSS>.jsonl``."""
+    import time
+
+    from vlswift.infer.args import InferArguments
+    from vlswift.infer.main import infer_main
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"query": "Hello! Who are you?"}\n')
+    before = time.strftime("%Y%m%d-%H%M%S")
+    out = infer_main(InferArguments(ckpt_dir=str(lora_ckpt), val_dataset=[str(data)], max_new_tokens=1,
+                                    verbose=False))
+    after = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out["result_path"])
+    assert path.parent == (lora_ckpt / "infer_result").resolve()
+    assert re.fullmatch(r"\d{8}-\d{6}\.jsonl", path.name) and before <= path.stem <= after
+    assert [json.loads(line)["query"] for line in path.read_text().splitlines()] == ["Hello! Who are you?"]
+    assert f"Results: {path}" in capsys.readouterr().err
