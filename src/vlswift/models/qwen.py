@@ -14,8 +14,10 @@ is ``F.scaled_dot_product_attention``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import fused
-from .config import QWenConfig
+from .config import QWenConfig, official_config_dict
+from .loading import DTYPE_NAMES
 from .visual import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -367,6 +370,15 @@ class QWenLMHeadModel(PreTrainedModel, GenerationMixin):
             module.weight.data.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
+        """transformers' save, with ``config.json`` in the official form: transformers would write
+        ``dtype`` instead of ``torch_dtype`` and keep the loaded ``bf16``/``fp32`` flags whatever
+        the saved weights' dtype, so the official remote code would misread the folder."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            config = official_config_dict(self.config, DTYPE_NAMES[self.dtype])
+            (Path(save_directory) / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def get_input_embeddings(self) -> nn.Module:
         return self.transformer.wte
