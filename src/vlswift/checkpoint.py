@@ -77,4 +77,9 @@ def load_ckpt_model(ckpt_dir: str | Path, torch_dtype=None, model_kwargs: dict |
 
     model = PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
     model.eval()
+    # A LoRA checkpoint may carry its run's generation config (swift saves one there, and
+    # `vlswift export` puts it in the merged model): it wins over the base model's.
+    from .models.loading import load_generation_config
+
+    load_generation_config(model.get_base_model(), info.path)
     return model, tokenizer, info

@@ -148,12 +148,6 @@ def load_model_template(args: InferArguments, ckpt=None) -> Loaded:
         if ckpt is not None:
             model, tokenizer, ckpt = load_ckpt_model(ckpt.path, args.dtype, model_id_or_path=args.model_id_or_path,
                                                      model_type=model_type)
-            if ckpt.kind == "lora":
-                # A LoRA checkpoint may carry its run's generation config (swift saves one there, and
-                # `vlswift export` puts it in the merged model): it wins over the base model's.
-                from ..models.loading import load_generation_config
-
-                load_generation_config(model.get_base_model(), ckpt.path)
         else:
             model, tokenizer = get_model_tokenizer(model_type, args.dtype, model_id_or_path=args.model_id_or_path)
     system = args.system
