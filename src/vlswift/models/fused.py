@@ -6,9 +6,16 @@ again. The GEMV serves the single-row linear layers of batch-1 decoding. Each fu
 the PyTorch code it replaces (float32 math, one rounding to the model dtype wherever the
 official code rounds), so results agree with the plain ops to float32 rounding.
 
-They are used only where ``enabled(x)``: a CUDA tensor, no autograd (training keeps the
-plain ops and their backward), Triton importable, and ``VLSWIFT_NO_TRITON`` unset. The
-eager and the CUDA-graph decode paths both go through them, so the two give identical bits.
+They are used only where ``enabled(x)``: a CUDA tensor, no autograd, Triton importable, and
+``VLSWIFT_NO_TRITON`` unset. The eager and the CUDA-graph decode paths both go through them,
+so the two give identical bits.
+
+Training (``train_enabled(x)``: CUDA, bf16/fp16, autograd on) uses the autograd functions at
+the end of this file: the same forward kernels plus one backward kernel each for RMSNorm
+(with the residual add) and SwiGLU, and rotary's backward as the inverse rotation. Each
+replaces ~10 plain ops (and their backward) on [tokens, 4096..11008] tensors per use, most
+of them in float32; they keep the same tensors for backward as the plain code's
+``RecomputedInBackward`` (bf16 inputs, plus one float32 per row for RMSNorm).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, y_ptr, n_cols, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps,
+                        HAS_RES: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < n_cols
@@ -54,7 +61,10 @@ def _kernels():
             tl.store(sum_ptr + row * n_cols + cols, x, mask=m)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / n_cols
-        normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
+        rstd = tl.math.rsqrt(var + eps)
+        if STORE_RSTD:
+            tl.store(rstd_ptr + row, rstd)
+        normed = (xf * rstd).to(x.dtype)
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(y_ptr + row * n_cols + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=m)
 
@@ -161,8 +171,44 @@ def _kernels():
             total += w * tl.load(stat_ptr + slot * 2 + 1)
         tl.store(o_ptr + b * so_b + h * so_h + d, (acc / total).to(o_ptr.dtype.element_ty))
 
+    @triton.jit
+    def rms_norm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dsum_ptr, dx_ptr, n_cols,
+                                 HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr):
+        # y = round(x * rstd) * w: the rounding passes gradients through unchanged, so
+        # dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, xhat = x * rstd; plus the
+        # gradient reaching the residual sum directly.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+        if HAS_DSUM:
+            dx += tl.load(dsum_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def silu_mul_backward_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, n, BLOCK: tl.constexpr):
+        # y = a * round(silu(b)): da = g * round(silu(b)), db = g * a * silu'(b).
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = off < n
+        a = tl.load(a_ptr + off, mask=m, other=0.0)
+        b = tl.load(b_ptr + off, mask=m, other=0.0)
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        bf = b.to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-bf))
+        s = (bf * sig).to(b.dtype).to(tl.float32)
+        tl.store(da_ptr + off, (g * s).to(da_ptr.dtype.element_ty), mask=m)
+        dsilu = sig * (1.0 + bf * (1.0 - sig))
+        tl.store(db_ptr + off, (g * a.to(tl.float32) * dsilu).to(db_ptr.dtype.element_ty), mask=m)
+
     return (rms_norm_kernel, rotary_kernel, silu_mul_kernel, gemv_kernel,
-            decode_attention_split_kernel, decode_attention_combine_kernel)
+            decode_attention_split_kernel, decode_attention_combine_kernel,
+            rms_norm_backward_kernel, silu_mul_backward_kernel)
 
 
 def _next_pow2(n: int) -> int:
@@ -170,10 +216,12 @@ def _next_pow2(n: int) -> int:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+             residual: torch.Tensor | None = None,
+             rstd: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(x + residual, norm(x + residual))`` (or ``(None, norm(x))``) in one kernel.
 
-    norm(h) = (h.float() * rsqrt(mean(h.float()**2) + eps)).type_as(h) * weight.
+    norm(h) = (h.float() * rsqrt(mean(h.float()**2) + eps)).type_as(h) * weight. With ``rstd``
+    (float32, one per row) the kernel also stores each row's rsqrt factor there.
     """
     kernel = _kernels()[0]
     shape = x.shape
@@ -185,7 +233,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         res = residual.reshape(-1, shape[-1]).contiguous()
     block = _next_pow2(shape[-1])
     kernel[(x2.size(0),)](x2, res if residual is not None else x2, summed if summed is not None else x2,
-                          weight, out, shape[-1], eps, HAS_RES=residual is not None, BLOCK=block,
+                          weight, out, rstd if rstd is not None else out, shape[-1], eps,
+                          HAS_RES=residual is not None, STORE_RSTD=rstd is not None, BLOCK=block,
                           num_warps=8 if block >= 4096 else 4)
     return (summed.view(shape) if summed is not None else None), out.view(shape)
 
@@ -264,3 +313,123 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+# --- training: autograd functions over the kernels above -------------------------------
+
+
+def train_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the fused training functions apply: autograd on, CUDA, half precision, one dtype."""
+    x = tensors[0]
+    return (x.is_cuda and torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
+            and all(t.dtype == x.dtype for t in tensors) and _triton_available())
+
+
+def _rms_norm_backward(ctx, d_summed, d_out):
+    x, weight, rstd = ctx.saved_tensors
+    n = x.size(-1)
+    x2 = x.reshape(-1, n)
+    dy = d_out.reshape(-1, n).contiguous() if d_out is not None else torch.zeros_like(x2)
+    has_dsum = d_summed is not None
+    dsum = d_summed.reshape(-1, n).contiguous() if has_dsum else dy
+    dx = torch.empty_like(x2)
+    block = _next_pow2(n)
+    _kernels()[6][(x2.size(0),)](x2, weight, rstd, dy, dsum, dx, n, HAS_DSUM=has_dsum, BLOCK=block,
+                                 num_warps=8 if block >= 4096 else 4)
+    dw = None
+    if ctx.needs_input_grad[1]:  # full fine-tuning: the norm weight's gradient, in plain ops
+        normed = (x2.float() * rstd[:, None]).to(x.dtype)
+        dw = (dy.float() * normed.float()).sum(0).to(weight.dtype)
+    return dx.view(x.shape), dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``norm(x)``, keeping ``x`` and one float32 per row for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.empty(x.numel() // x.size(-1), dtype=torch.float32, device=x.device)
+        _, out = rms_norm(x, weight, eps, None, rstd=rstd)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        dx, dw = _rms_norm_backward(ctx, None, d_out)
+        return dx, dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """``(x + residual, norm(x + residual))``, keeping the sum and one float32 per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        rstd = torch.empty(x.numel() // x.size(-1), dtype=torch.float32, device=x.device)
+        summed, out = rms_norm(x, weight, eps, residual, rstd=rstd)
+        ctx.save_for_backward(summed, weight, rstd)
+        return summed, out
+
+    @staticmethod
+    def backward(ctx, d_summed, d_out):
+        dx, dw = _rms_norm_backward(ctx, d_summed, d_out)
+        return dx, dw, None, dx
+
+
+def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None):
+    """Differentiable :func:`rms_norm`: ``norm(x)``, or ``(x + residual, norm(x + residual))``."""
+    if residual is None:
+        return RMSNormFunction.apply(x, weight, eps)
+    return AddRMSNormFunction.apply(x, weight, eps, residual)
+
+
+class SiluMulFunction(torch.autograd.Function):
+    """``a * silu(b)`` (SwiGLU's gate), keeping only ``a`` and ``b`` for backward."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b)
+        return silu_mul(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = g.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        n = a.numel()
+        block = 2048
+        _kernels()[7][(triton_cdiv(n, block),)](a, b, g, da, db, n, BLOCK=block, num_warps=4)
+        return da, db
+
+
+def silu_mul_train(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return SiluMulFunction.apply(a, b)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Rotate q and k of a fused [B, T, 3*H*D] projection in place (no logn: training).
+
+    Backward is the inverse rotation (by -angle) of the incoming gradient, exact because
+    rotary's cos/sin tables repeat the same angles in both halves of a head.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, heads, cos, sin):
+        rotary_qk_(qkv, heads, cos, sin, None)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad.contiguous().clone()
+        rotary_qk_(grad, ctx.heads, cos, -sin, None)
+        return grad, None, None, None
+
+
+def rotary_qk_train_(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Differentiable in-place :func:`rotary_qk_` (without logn); returns ``qkv``."""
+    return RotaryFunction.apply(qkv, heads, cos, sin)

@@ -90,6 +90,8 @@ class RMSNorm(nn.Module):
         if fused.enabled(x):
             summed, out = fused.rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (summed, out)
+        if fused.train_enabled(x, self.weight, *([] if residual is None else [residual])):
+            return fused.rms_norm_train(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             return x, self.norm(x)
@@ -163,6 +165,10 @@ class QWenAttention(nn.Module):
         if fused.enabled(qkv) and rope.cos.size(-1) == self.head_dim:
             fused.rotary_qk_(qkv, self.num_heads, rope.cos, rope.sin, rope.logn)
             q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        elif fused.train_enabled(qkv) and rope.logn is None and rope.cos.size(-1) == self.head_dim:
+            # q, k, v stay views of one buffer: attention keeps exactly them for backward.
+            qkv = fused.rotary_qk_train_(qkv, self.num_heads, rope.cos, rope.sin)
+            q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
         else:
             q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
             q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
@@ -198,6 +204,8 @@ class QWenMLP(nn.Module):
         a, b = linear(self.w1, x), linear(self.w2, x)
         if fused.enabled(a):
             gated = fused.silu_mul(a, b)
+        elif fused.train_enabled(a, b):
+            gated = fused.silu_mul_train(a, b)
         elif needs_grad(a, b):
             gated = RecomputedInBackward.apply(swiglu_gate, a, b)
         else:

@@ -189,7 +189,14 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
+            # A frozen tower in training (LoRA on the LLM, --freeze_vit): nothing to record
+            # for backward, so it runs as at inference (the CUDA graph included).
+            with torch.no_grad():
+                return self.forward(images)
+        # Graphs only for plain modules: under FSDP the blocks all-gather their weights in hooks.
         if x.is_cuda and not torch.is_grad_enabled() and x.size(0) <= MAX_GRAPHED_IMAGES \
+                and type(self.transformer.resblocks[0]) is VisualBlock \
                 and os.environ.get("VLSWIFT_NO_CUDA_GRAPHS", "0") in ("", "0"):
             return self.encode_graphed(x)
         return self.encode(x)
