@@ -242,6 +242,7 @@ class QWenModel(nn.Module):
         # How many decoder blocks recompute their activations in backward when checkpointing
         # is on (the first ones); None = all. Fewer = faster steps, more activation memory.
         self.checkpoint_layers: int | None = None
+        self.training_graphs = None  # a train_graphs.TrainingGraphs, see enable_training_graphs
 
     def splice_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, images) -> torch.Tensor:
         """Replace the 256 positions inside each ``<img>…</img>`` span by that image's features."""
@@ -292,11 +293,24 @@ class QWenModel(nn.Module):
         return self.run_blocks(x, rope, mask, cache)
 
     def run_blocks(self, x: torch.Tensor, rope: RopeState, mask, cache=None) -> torch.Tensor:
-        """Decoder blocks + final norm on embeddings ``x`` (the fast decode path calls this too)."""
+        """Decoder blocks + final norm on embeddings ``x`` (the fast decode path calls this too).
+
+        In training with ``training_graphs`` set (see :mod:`.train_graphs`), replayed from
+        CUDA graphs where they apply.
+        """
+        if self.training_graphs is not None:
+            out = self.training_graphs.run(x, rope, mask, cache)
+            if out is not None:
+                return out
+        return self.run_blocks_eager(x, rope, mask, cache)
+
+    def run_blocks_eager(self, x: torch.Tensor, rope: RopeState, mask, cache=None,
+                         preserve_rng_state: bool = True) -> torch.Tensor:
         checkpointed = len(self.h) if self.checkpoint_layers is None else self.checkpoint_layers
         for i, block in enumerate(self.h):
             if self.gradient_checkpointing and self.training and i < checkpointed:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False,
+                                                      preserve_rng_state=preserve_rng_state)
             else:
                 x = block(x, rope, mask, cache)
         return self.ln_f(x)
@@ -409,6 +423,16 @@ class QWenLMHeadModel(PreTrainedModel, GenerationMixin):
         self.transformer.checkpoint_layers = (gradient_checkpointing_kwargs or {}).get("layers")
         self.transformer.gradient_checkpointing = True
         self.transformer.visual.transformer.gradient_checkpointing = True
+
+    def enable_training_graphs(self, max_graphs: int = 16) -> None:
+        """Replay the decoder blocks' forward and backward from CUDA graphs in training (one
+        capture per input shape, up to ``max_graphs``); see :mod:`.train_graphs`."""
+        from .train_graphs import TrainingGraphs
+
+        self.transformer.training_graphs = TrainingGraphs(self.transformer, max_graphs)
+
+    def disable_training_graphs(self) -> None:
+        self.transformer.training_graphs = None
 
     def gradient_checkpointing_disable(self) -> None:
         self.transformer.gradient_checkpointing = False

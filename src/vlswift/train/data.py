@@ -693,14 +693,16 @@ class EncodedDataset(torch.utils.data.Dataset):
         }
 
 
-def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor | None]:
+def collate(batch: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor | None]:
     """Right-pad a list of :class:`EncodedDataset` items into model inputs.
 
     ``input_ids`` pad with ``pad_id``, ``labels`` with -100, ``attention_mask`` 1 on real
     tokens; ``images`` are the items' images concatenated in order (the model matches them to
-    the ``<img>`` spans row by row), or None.
+    the ``<img>`` spans row by row), or None. The width is the longest item's length rounded
+    up to ``pad_to_multiple_of`` (fewer distinct shapes for CUDA graphs).
     """
     width = max(len(item["input_ids"]) for item in batch)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

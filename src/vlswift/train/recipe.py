@@ -193,7 +193,7 @@ class SftRecipe:
         if args.sft_type == "lora":
             self.lora_targets = resolve_target_modules(model, args.lora_target_modules)
             if args.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
+                model.gradient_checkpointing_enable(self.checkpointing_kwargs())
             model = apply_lora(model, self.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout_p)
             if self.resume_dir is not None:
                 load_lora_weights(model, self.resume_dir)
@@ -202,8 +202,11 @@ class SftRecipe:
             if args.freeze_vit:
                 freeze_vision_tower(model)
             if args.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
+                model.gradient_checkpointing_enable(self.checkpointing_kwargs())
         model.train()
+        self.cuda_graphs = self.use_cuda_graphs()
+        if self.cuda_graphs:
+            (model.get_base_model() if args.sft_type == "lora" else model).enable_training_graphs()
         if args.fsdp:
             distributed.keep_vision_in_every_step(model)
             return distributed.wrap_fsdp(model, dist)
@@ -212,6 +215,26 @@ class SftRecipe:
                 distributed.keep_vision_in_every_step(model.get_base_model() if args.sft_type == "lora" else model)
             return distributed.wrap_ddp(model, dist)
         return model
+
+    def checkpointing_kwargs(self) -> dict:
+        layers = self.args.gradient_checkpointing_layers
+        return {"layers": None if layers == -1 else layers}
+
+    def use_cuda_graphs(self) -> bool:
+        """--cuda_graphs where it applies (LoRA, one process, CUDA), with a note where it does not."""
+        args = self.args
+        if not args.cuda_graphs:
+            return False
+        reason = ("it needs a CUDA device" if self.device.type != "cuda" else
+                  "it is for LoRA (--sft_type lora)" if args.sft_type != "lora" else
+                  "it is for one process" if self.dist.distributed else None)
+        recomputes = args.gradient_checkpointing and args.gradient_checkpointing_layers != 0
+        if reason is None and recomputes and args.lora_dropout_p > 0:
+            reason = "with gradient checkpointing it needs --lora_dropout_p 0 (a replayed recomputation would draw new dropout masks)"
+        if reason:
+            self.say(f"--cuda_graphs true not used: {reason}", warning=True)
+            return False
+        return True
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices only (not on biases, norms and the like)."""
@@ -320,10 +343,16 @@ class SftRecipe:
             "eval_loss": last_eval,
             "train_runtime_s": round(time.perf_counter() - started, 3),
         }
+        if self.cuda_graphs:
+            graphs = distributed.unwrap(self.model).get_base_model().transformer.training_graphs
+            result["cuda_graph_shapes"], result["cuda_graph_replays"] = graphs.captures, graphs.replays
         result["checkpoint"] = result["best_model_checkpoint"] or result["last_model_checkpoint"]
         self.log.close(final=result)
         self.say(f"last checkpoint: {result['last_model_checkpoint']}")
         self.say(f"best checkpoint: {result['best_model_checkpoint'] or 'none (no validation rows, no evaluation)'}")
+        if self.cuda_graphs:
+            self.say(f"cuda graphs: {result['cuda_graph_replays']} micro-batches replayed from "
+                     f"{result['cuda_graph_shapes']} captured batch shape(s)")
         if self.dist.is_main and os.environ.get(distributed.RESULT_ENV):
             write_json(Path(os.environ[distributed.RESULT_ENV]), result)
         return result
@@ -339,7 +368,8 @@ class SftRecipe:
                                            self.epoch, skip=self.samples_done // dist.world_size)
         loader = torch.utils.data.DataLoader(
             EncodedDataset(self.train_samples, self.template), batch_size=args.batch_size, sampler=sampler,
-            collate_fn=functools.partial(collate, pad_id=self.pad_id), num_workers=args.dataloader_num_workers,
+            collate_fn=functools.partial(collate, pad_id=self.pad_id, pad_to_multiple_of=32 if self.cuda_graphs else 1),
+            num_workers=args.dataloader_num_workers,
             # Its own generator: creating the iterator then leaves the global RNG (dropout) alone,
             # so a resumed run draws the same random numbers as an uninterrupted one.
             generator=torch.Generator().manual_seed(args.seed + self.epoch),
@@ -366,7 +396,7 @@ class SftRecipe:
         for i, (batch, count) in enumerate(zip(group, counts)):
             with distributed.gradient_sync(model, enabled=i == len(group) - 1):
                 with self.autocast():
-                    out = model(**self.to_device(batch))
+                    out = model(**self.to_device(batch, training=True))
                 # DDP and FSDP average gradients over ranks; x world makes it a sum, / total a token mean.
                 self.scaler.scale(out.loss * (count * world / total_labels)).backward()
             loss_sum += out.loss.item() * count
@@ -391,11 +421,24 @@ class SftRecipe:
         return float(norm)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # CUDA graphs cannot capture autocast's weight cache (make_graphed_callables refuses it).
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                              cache_enabled=False if self.cuda_graphs else None)
 
-    def to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict, training: bool = False) -> dict:
+        """The model inputs of ``batch`` on the device.
+
+        In training a right-padded batch goes without its attention mask: under causal
+        attention no real token sees the pads after it, positions count from 0 either way,
+        and training uses neither NTK scaling nor logn (which read the lengths). Attention then
+        runs the flash kernel instead of a masked one, and the blocks can be CUDA-graphed.
+        """
+        keep = ("input_ids", "labels", "attention_mask", "images")
+        mask = batch.get("attention_mask")
+        if training and mask is not None and bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool(mask[:, 0].all()):
+            keep = ("input_ids", "labels", "images")
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "images")}
+                for k, v in batch.items() if k in keep}
 
     @torch.no_grad()
     def evaluate(self) -> float:
