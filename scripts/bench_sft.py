@@ -4,7 +4,10 @@ What the anchors measure for the official code: LoRA r=8 on ``c_attn`` (peft), A
 448px image + ~50 caption tokens per sample (336 tokens, loss on the caption only), at batch
 1, 4 and 16. For each batch size it tries several gradient-checkpointing policies (how many
 decoder blocks recompute their activations) and reports the fastest whose peak memory stays
-within --max-gb, with the whole sweep. Also the copy bandwidth and bf16 matmul peak of the
+within --max-gb (allocated; the reserved peak is reported beside it), with the whole sweep.
+With ``--graphs true`` (default) the decoder blocks' forward and backward replay from CUDA
+graphs (``--cuda_graphs`` of ``vlswift sft``); ``--eager-batches`` are measured eagerly too,
+in the same run, for comparison. Also the copy bandwidth and bf16 matmul peak of the
 device, and model FLOPs utilisation. Prints one JSON line (and writes it to --out).
 
     PYTHONPATH=src python scripts/bench_sft.py [--config path/to/config.json] [--out FILE]
@@ -13,6 +16,7 @@ device, and model FLOPs utilisation. Prints one JSON line (and writes it to --ou
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -87,6 +91,10 @@ def main() -> None:
                     help="gradient-checkpointing policies to try: decoder blocks that recompute")
     ap.add_argument("--max-gb", type=float, default=24.0, help="memory cap when choosing the policy")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--graphs", default="true", choices=["true", "false"],
+                    help="replay the decoder blocks' forward and backward from CUDA graphs (as --cuda_graphs)")
+    ap.add_argument("--eager-batches", default="4",
+                    help="with --graphs true, also measure these batch sizes eagerly (for comparison)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sft.py needs a CUDA GPU")
@@ -105,30 +113,48 @@ def main() -> None:
     res["lora_flops_per_sample_T"] = round(flops / 1e12, 2)
     res["lora_tokens_per_sample"] = PROMPT_TOKENS + CAPTION_TOKENS
     gen = torch.Generator().manual_seed(0)
+    res["cuda_graphs"] = args.graphs == "true"
     sweep = []
-    for b in [int(x) for x in args.batches.split(",") if x]:
+    batches = [int(x) for x in args.batches.split(",") if x]
+    eager_batches = [int(x) for x in args.eager_batches.split(",") if x] if res["cuda_graphs"] else []
+    # The eager comparison first: graph pools freed later cannot inflate its memory figures.
+    for b, graphed in [(b, False) for b in eager_batches] + [(b, res["cuda_graphs"]) for b in batches]:
         batch = make_batch(config, b, gen)
         for layers in [int(x) for x in args.policies.split(",") if x != ""]:
             base.gradient_checkpointing_enable({"layers": layers})
+            # A fresh capture per policy (the graphs' memory pool freed), so each row's peak is its own.
+            if graphed:
+                base.enable_training_graphs()
+            else:
+                base.disable_training_graphs()
+            opt.zero_grad(set_to_none=True)
+            gc.collect()  # a dropped graph (its classes are in reference cycles) frees its pool only then
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
                 step_s = time_steps(model, opt, batch, args.steps)
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
-                sweep.append({"batch": b, "ckpt_layers": layers, "oom": True})
+                sweep.append({"batch": b, "ckpt_layers": layers, "graphed": graphed, "oom": True})
                 continue
-            sweep.append({"batch": b, "ckpt_layers": layers, "step_s": round(step_s, 4),
-                          "samples_per_s": round(b / step_s, 2),
-                          "peak_GB": round(torch.cuda.max_memory_allocated() / bc.GB, 2)})
+            graphs = base.transformer.training_graphs
+            sweep.append({"batch": b, "ckpt_layers": layers, "graphed": bool(graphs and graphs.replays),
+                          "step_s": round(step_s, 4), "samples_per_s": round(b / step_s, 2),
+                          "peak_GB": round(torch.cuda.max_memory_allocated() / bc.GB, 2),
+                          "reserved_GB": round(torch.cuda.max_memory_reserved() / bc.GB, 2)})
             print(sweep[-1], flush=True)
-        fits = [s for s in sweep if s["batch"] == b and not s.get("oom") and s["peak_GB"] <= args.max_gb]
+        base.disable_training_graphs()
+        if not graphed and res["cuda_graphs"]:
+            continue  # the eager comparison rows do not give the headline figures
+        fits = [s for s in sweep if s["batch"] == b and not s.get("oom") and s["peak_GB"] <= args.max_gb
+                and s["graphed"] == graphed]
         if fits:
             best = max(fits, key=lambda s: s["samples_per_s"])
             res[f"lora_samples_per_s_bs{b}"] = best["samples_per_s"]
             res[f"lora_tokens_per_s_bs{b}"] = round(best["samples_per_s"] * res["lora_tokens_per_sample"])
             res[f"lora_peak_GB_bs{b}"] = best["peak_GB"]
             res[f"lora_ckpt_layers_bs{b}"] = best["ckpt_layers"]
+            res[f"lora_reserved_GB_bs{b}"] = best["reserved_GB"]
             res[f"lora_mfu_bs{b}"] = round(best["samples_per_s"] * flops / (res["bf16_matmul_TFLOPs"] * 1e12), 3)
     res["lora_sweep"] = sweep
     bc.print_result(res, args.out)
