@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA paths end to end on one GPU: tiny LoRA and full SFT in bf16 (+ fp16 LoRA with its
-# GradScaler), dataset inference on the LoRA checkpoint, export, then full-parameter FSDP2 training
+# GradScaler, and LoRA with CUDA-graphed steps), dataset inference on the LoRA checkpoint, export, then full-parameter FSDP2 training
 # of the real shape (scripts/bench_full_sft.py). Writes logs and JSON under ${OUT:-/tmp/check_gpu}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,12 +8,12 @@ OUT=${OUT:-/tmp/check_gpu}
 mkdir -p "$OUT"
 W=$(mktemp -d)
 python3 scripts/make_tiny_checkpoint.py "$W/tiny" >/dev/null
-for cfg in "lora bf16" "full bf16" "lora fp16"; do
+for cfg in "lora bf16" "full bf16" "lora fp16" "lora bf16 --cuda_graphs true --lora_dropout_p 0 --gradient_checkpointing_layers 1"; do
   set -- $cfg
   python3 -m vlswift.cli sft --model_id_or_path "$W/tiny" --dataset examples/data/train.jsonl \
     --sft_type "$1" --dtype "$2" --max_steps 12 --save_steps 6 --eval_steps 6 --logging_steps 3 \
-    --learning_rate 1e-3 --output_dir "$W/out-$1-$2" --disable_tqdm true 2>&1 | tail -3
-  echo "sft $1 $2: ok"
+    --learning_rate 1e-3 --output_dir "$W/out-$1-$2${3:+-graphs}" --disable_tqdm true "${@:3}" 2>&1 | tail -3
+  echo "sft $cfg: ok"
 done
 ckpt=$(ls -d "$W"/out-lora-bf16/qwen-vl-chat/v*/last)
 python3 -m vlswift.cli infer --ckpt_dir "$ckpt" --val_dataset examples/data/train.jsonl \
