@@ -70,6 +70,9 @@ class SftArguments:
     truncation_strategy: str = field(default="delete", metadata={
         "help": "Samples over --max_length: delete (skip, reported) or truncation_left (cut the oldest "
                 "tokens, never half an image)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch samples of similar length together (within shuffled groups of 50 global "
+                "batches): less padding, as transformers' option of that name."})
     dataloader_num_workers: int = field(default=1, metadata={
         "help": "DataLoader processes that tokenize and decode images in parallel (0: in the main process)."})
     preprocess_num_proc: int = field(default=1, metadata={

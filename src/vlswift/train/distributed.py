@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -251,15 +251,24 @@ class ShardSampler(torch.utils.data.Sampler[int]):
     multiple of the world size, every ``world_size``-th index from ``rank``. So one process with
     batch size ``B * N`` sees the same global batches as ``N`` processes with batch size ``B``.
     ``skip`` drops the indices already consumed before a resume.
+
+    With ``lengths`` (one per dataset index) and ``group_size`` (a multiple of the global batch)
+    the shuffled order is cut into groups of ``group_size`` and each group sorted longest first,
+    so a batch holds samples of similar length (less padding); the group holding the longest
+    sample goes first, so a batch that does not fit in memory fails at once (as
+    transformers' ``group_by_length``).
     """
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
-                 shuffle: bool = True, skip: int = 0):
+                 shuffle: bool = True, skip: int = 0, lengths: Sequence[int] | None = None,
+                 group_size: int = 0):
         g = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
         padded = -(-n // world_size) * world_size
         padding = [False] * n + [True] * (padded - n)
         order = (order * (padded // max(n, 1) + 1))[:padded]
+        if lengths is not None and group_size > 1:
+            order, padding = group_by_length(order, padding, lengths, group_size)
         self.indices = order[rank::world_size][skip:]
         self.is_padding = padding[rank::world_size][skip:]  # repeats that only even out the shards
 
@@ -268,6 +277,20 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def group_by_length(order: list[int], padding: list[bool], lengths: Sequence[int],
+                    group_size: int) -> tuple[list[int], list[bool]]:
+    """``order`` (and its padding flags) with each run of ``group_size`` sorted longest first,
+    the run holding the longest sample moved to the front."""
+    pairs = list(zip(order, padding))
+    groups = [sorted(pairs[i:i + group_size], key=lambda pair: -lengths[pair[0]])
+              for i in range(0, len(pairs), group_size)]
+    if groups:
+        longest = max(range(len(groups)), key=lambda i: lengths[groups[i][0][0]])
+        groups.insert(0, groups.pop(longest))
+    flat = [pair for group in groups for pair in group]
+    return [i for i, _ in flat], [pad for _, pad in flat]
 
 
 # ---------------------------------------------------------------------------------------------

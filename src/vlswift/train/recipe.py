@@ -36,7 +36,9 @@ from .checkpointing import (
     SHARDED_OPTIMIZER, TRAINING_STATE, Checkpoints, find_resume_checkpoint, load_training_state, new_run_dir,
     rng_state, save_full_model, save_lora_adapter, set_rng_state, write_json,
 )
-from .data import DatasetError, DatasetReport, EncodedDataset, collate, load_dataset, split_dataset, validate_samples
+from .data import (
+    DatasetError, DatasetReport, EncodedDataset, collate, length_of, load_dataset, split_dataset, validate_samples,
+)
 from .lora import (
     apply_lora, count_parameters, freeze_vision_tower, load_lora_weights, resolve_target_modules, vision_is_trainable,
 )
@@ -364,8 +366,11 @@ class SftRecipe:
         kept up to date so a checkpoint can resume from exactly the next batch.
         """
         args, dist = self.args, self.dist
+        grouping = {}
+        if args.group_by_length:
+            grouping = {"lengths": self.train_lengths(), "group_size": 50 * args.batch_size * dist.world_size}
         sampler = distributed.ShardSampler(len(self.train_samples), dist.rank, dist.world_size, args.seed,
-                                           self.epoch, skip=self.samples_done // dist.world_size)
+                                           self.epoch, skip=self.samples_done // dist.world_size, **grouping)
         loader = torch.utils.data.DataLoader(
             EncodedDataset(self.train_samples, self.template), batch_size=args.batch_size, sampler=sampler,
             collate_fn=functools.partial(collate, pad_id=self.pad_id, pad_to_multiple_of=32 if self.cuda_graphs else 1),
@@ -385,6 +390,13 @@ class SftRecipe:
             self.samples_done += sum(len(b["input_ids"]) for b in group) * dist.world_size
             yield group
         self.epoch, self.samples_done = self.epoch + 1, 0
+
+    def train_lengths(self) -> list[int]:
+        """Token counts of the training samples' texts (for --group_by_length; computed once)."""
+        if getattr(self, "_train_lengths", None) is None:
+            tokenizer = self.template.tokenizer
+            self._train_lengths = [length_of(sample, tokenizer) for sample in self.train_samples]
+        return self._train_lengths
 
     def train_step(self, group: list[dict]) -> tuple[float, float, float, float]:
         """One optimizer step over a group of micro-batches; returns (loss, grad norm, lr, tokens)."""

@@ -1,4 +1,5 @@
-"""`vlswift sft --cuda_graphs true`: on CUDA the same losses as the eager run; elsewhere a note.
+"""The sft options for speed: `--cuda_graphs` (on CUDA the same losses as the eager run;
+elsewhere a note), `--gradient_checkpointing_layers`, `--group_by_length`.
 
 Also the collator's padding to a multiple (which keeps the graphs' shapes few) and that a
 right-padded training batch goes to the model without its mask (so attention runs unmasked
@@ -81,3 +82,28 @@ def test_gradient_checkpointing_layers_reaches_the_model(fast_ckpt, example_data
     assert seen == [{"layers": 1}, {"layers": None}]
     with pytest.raises(ValueError, match="--gradient_checkpointing_layers must be -1"):
         SftArguments(dataset=["x.jsonl"], gradient_checkpointing_layers=-2)
+
+
+def test_group_by_length_sorts_groups_and_keeps_the_shuffle_and_shards():
+    from vlswift.train.distributed import ShardSampler
+
+    n, lengths = 103, [(i * 37) % 101 for i in range(103)]
+    plain = [ShardSampler(n, r, 2, seed=3, epoch=1).indices for r in range(2)]
+    grouped = [ShardSampler(n, r, 2, seed=3, epoch=1, lengths=lengths, group_size=20).indices for r in range(2)]
+    assert sorted(plain[0] + plain[1]) == sorted(grouped[0] + grouped[1])  # the same samples (and repeat)
+    # interleave the ranks back into the global order: runs of 20 sorted longest first, the
+    # run with the longest sample first
+    order = [i for pair in zip(*grouped) for i in pair]
+    runs = [order[i:i + 20] for i in range(0, len(order), 20)]
+    assert all([lengths[i] for i in run] == sorted((lengths[i] for i in run), reverse=True) for run in runs)
+    assert lengths[order[0]] == max(lengths)
+    assert order != sorted(order, key=lambda i: -lengths[i])  # grouped, not globally sorted
+    # deterministic, and a resume skips exactly what was consumed
+    again = ShardSampler(n, 0, 2, seed=3, epoch=1, lengths=lengths, group_size=20, skip=7).indices
+    assert again == grouped[0][7:]
+
+
+def test_group_by_length_trains(fast_ckpt, example_data, train_args, run_log, tmp_path):
+    result = sft_main(train_args(fast_ckpt, example_data, tmp_path, max_steps=2, batch_size=2, group_by_length=True,
+                                 logging_steps=1))
+    assert len([r for r in run_log(result["run_dir"]) if "loss" in r]) == 2
