@@ -116,6 +116,19 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def start_result(script: str, config_path: str | None) -> dict:
+    """Check the machine and the config, then the result's header: device, date, command, torch,
+    and the device's copy bandwidth and bf16 matmul peak, measured now."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    if config_path is None:
+        raise SystemExit("no config.json found: pass --config")
+    res: dict = {"device": device_name(), "date": today(), "command": command_line(), "torch": torch.__version__}
+    res["copy_GBps_read_plus_write"] = round(copy_bandwidth_GBps(), 1)
+    res["bf16_matmul_TFLOPs"] = round(matmul_TFLOPs(), 1)
+    return res
+
+
 def print_result(result: dict, out: str | None) -> None:
     line = json.dumps(result)
     print(line, flush=True)

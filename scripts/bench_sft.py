@@ -96,15 +96,7 @@ def main() -> None:
     ap.add_argument("--eager-batches", default="4",
                     help="with --graphs true, also measure these batch sizes eagerly (for comparison)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_sft.py needs a CUDA GPU")
-    if args.config is None:
-        raise SystemExit("no config.json found: pass --config")
-
-    res: dict = {"device": bc.device_name(), "date": bc.today(), "command": bc.command_line(),
-                 "torch": torch.__version__}
-    res["copy_GBps_read_plus_write"] = round(bc.copy_bandwidth_GBps(), 1)
-    res["bf16_matmul_TFLOPs"] = round(bc.matmul_TFLOPs(), 1)
+    res = bc.start_result("bench_sft.py", args.config)
 
     config = bc.read_config(args.config)
     base, model = lora_model(config)
