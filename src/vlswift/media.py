@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .messages import one_line
+
 IMAGE_SIZE = 448
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,22 +49,8 @@ MAX_REASON_CHARS = 200
 
 
 def _one_line(err: BaseException, limit: int = MAX_REASON_CHARS) -> str:
-    """``err`` as one line of at most ``limit`` characters.
-
-    A longer message keeps its start (what failed) and its end (a chained error's root cause, e.g.
-    requests' "... (Caused by ...: [Errno 111] Connection refused)"), cut at spaces, joined by " … ".
-    """
-    text = " ".join(str(err).split()) or type(err).__name__
-    if len(text) <= limit:
-        return text
-    head_len = limit // 3
-    tail_len = limit - head_len - len(" … ")
-    head, tail = text[:head_len], text[-tail_len:]
-    if text[head_len] != " " and " " in head:
-        head = head.rsplit(" ", 1)[0]  # drop the word the cut falls in
-    if text[-tail_len - 1] != " " and " " in tail:
-        tail = tail.split(" ", 1)[1]
-    return f"{head.rstrip()} … {tail.lstrip()}"
+    """``err`` as one line of at most ``limit`` characters (:func:`messages.one_line`)."""
+    return one_line(str(err), limit) or type(err).__name__
 
 
 def is_url(src: str) -> bool:

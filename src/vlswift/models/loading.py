@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..messages import one_line
 from .config import QWenConfig, load_config
 
 HUB_IDS = {
@@ -116,20 +117,9 @@ def download_checkpoint(repo_id: str, no_local_folder: bool = False) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         local = f" and there is no local folder {repo_id}" if no_local_folder else ""
         raise CheckpointError(
-            f"could not download {repo_id} from {hub} (offline or unreachable: {shorten(reason, 160)}){local}; "
+            f"could not download {repo_id} from {hub} (offline or unreachable: {one_line(reason, 160)}){local}; "
             "pass a local checkpoint folder (--model_id_or_path DIR, or model_id_or_path=DIR in Python)"
         ) from None
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` cut at a word boundary to at most ``limit`` characters (plus "…" where it was cut)."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit]
-    if text[limit] != " ":
-        # Drop the word the limit falls in, unless it is the only one (a long URL, say).
-        cut = cut.rsplit(" ", 1)[0] if " " in cut else cut
-    return cut.rstrip(" ,;:.") + "…"
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
