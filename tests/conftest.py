@@ -57,3 +57,50 @@ def qwen_tokenizer(shared_dir: Path):
     from vlswift.tokenizer import QWenTokenizer
 
     return QWenTokenizer.from_pretrained(shared_dir / "qwen-vl-chat")
+
+
+# Helpers for scripts that measure their own peak resident set size in a fresh interpreter:
+# ``reset_peak()`` (through /proc/self/clear_refs) then ``status("VmHWM:")`` (bytes).
+PEAK_RSS_PRELUDE = '''
+import json, sys
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+    except OSError:
+        print(json.dumps({"skip": "cannot reset the peak RSS through /proc/self/clear_refs"}))
+        sys.exit(0)
+'''
+
+
+@pytest.fixture(scope="session")
+def peak_rss_run():
+    """``peak_rss_run(script, *args)``: run ``script`` (which may call ``status`` and ``reset_peak``)
+    in a fresh interpreter with vlswift importable; returns the JSON of its last output line.
+    Skips where /proc cannot report or reset the peak (not Linux, a restricted container)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    src = Path(__file__).resolve().parents[1] / "src"
+
+    def run(script: str, *args: str) -> dict:
+        if not Path("/proc/self/status").is_file():
+            pytest.skip("reads the resident set size from /proc (Linux)")
+        code = PEAK_RSS_PRELUDE + textwrap.dedent(script)
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(src)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if "skip" in result:
+            pytest.skip(result["skip"])
+        return result
+
+    return run

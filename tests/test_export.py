@@ -8,9 +8,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ from vlswift.export import ExportArguments, ExportError, export_main, merge_lora
 from vlswift.models.loading import checkpoint_files, load_pretrained
 from vlswift.models.tiny import make_tiny_checkpoint
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 # Name -> LoraConfig arguments. DEFAULT and ALL are swift's --lora_target_modules; "extras" covers
 # rslora, an embedding LoRA, trained biases and modules_to_save (whole tensors in the adapter).
 LORA_CASES = {
@@ -324,38 +320,21 @@ def test_small_shards_and_dtype(tiny_ckpt, tmp_path):
     assert json.loads((bf16 / "sft_args.json").read_text())["dtype"] == "bf16"
 
 
-def test_merge_peak_memory_stays_near_one_copy(tmp_path):
-    if not Path("/proc/self/status").is_file():
-        pytest.skip("reads the resident set size from /proc (Linux)")
+def test_merge_peak_memory_stays_near_one_copy(tmp_path, peak_rss_run):
     # Big enough (~50 MB of weights) that allocator noise does not dominate.
     base = make_tiny_checkpoint(tmp_path / "base", hidden_size=512, layers=4)
     _, ckpt = make_lora_checkpoint(base, tmp_path / "run", target_modules="ALL")
     weight_bytes = sum(t.numel() * t.element_size() for t in load_file(str(base / "model.safetensors")).values())
-    script = textwrap.dedent("""
-        import json, sys
+    result = peak_rss_run("""
         import torch, safetensors.torch
         import vlswift.checkpoint, vlswift.models.config, vlswift.models.loading
         from vlswift.export import merge_lora_checkpoint
 
-        def status(key):
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
         before = status("VmRSS:")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak (VmHWM) to the current resident size
-        except OSError:
-            print(json.dumps({"skip": "cannot reset the peak RSS through /proc/self/clear_refs"}))
-            sys.exit(0)
+        reset_peak()
         merge_lora_checkpoint(sys.argv[1])
         print(json.dumps({"before": before, "peak": status("VmHWM:")}))
-    """)
-    out = subprocess.run([sys.executable, "-c", script, str(ckpt)], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(SRC)))
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
+    """, str(ckpt))
     used = result["peak"] - result["before"]
     assert used < 2.5 * weight_bytes, f"merge used {used / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB of weights"
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,8 +14,6 @@ from vlswift.models.config import OFFICIAL_CONFIG_KEYS, official_config_dict
 from vlswift.models.loading import (CheckpointError, checkpoint_files, load_pretrained, resolve_dtype,
                                     resolve_model_dir, write_sharded_safetensors)
 from vlswift.models.tiny import make_tiny_checkpoint
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def copy_ckpt(src, dst):
@@ -175,17 +169,13 @@ def test_save_pretrained_round_trip(tiny_ckpt, tmp_path):
 # after every weight has been read, so weights mapped from the file count as well as copies. Two
 # deliberately wasteful loaders are measured alongside ours: they show the measurement does see a
 # second copy.
-MEMORY_SCRIPT = textwrap.dedent("""
-    import gc, json, sys
+MEMORY_SCRIPT = """
+    import gc
     from pathlib import Path
     import torch
     from safetensors.torch import load_file
     from vlswift.models.config import load_config
     from vlswift.models.loading import build_model, checkpoint_files, load_pretrained
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
     def ours(folder):
         return load_pretrained(folder, torch.float32, "cpu")
@@ -202,29 +192,21 @@ MEMORY_SCRIPT = textwrap.dedent("""
         return model
 
     loader, warm, folder = sys.argv[1:]
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        print(json.dumps({"skip": "cannot reset the peak RSS through /proc/self/clear_refs"}))
-        sys.exit(0)
+    reset_peak()  # skips at once where the peak cannot be reset
     ours(warm)  # lazy imports and first allocations stay out of the measured load
     gc.collect()
     before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    reset_peak()
     model = {"ours": ours, "naive": naive, "all_shards_at_once": all_shards_at_once}[loader](folder)
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())
     print(json.dumps({"growth": status("VmHWM:") - before}))
-""")
+"""
 
 
 @pytest.fixture(scope="module")
-def load_memory(tiny_ckpt, tmp_path_factory) -> dict:
+def load_memory(tiny_ckpt, tmp_path_factory, peak_rss_run) -> dict:
     """Peak RSS growth of loading ~110 MB of fp32 weights: one file, and bf16 shards loaded as fp32."""
-    if not Path("/proc/self/status").is_file():
-        pytest.skip("reads the resident set size from /proc (Linux)")
     root = tmp_path_factory.mktemp("load-memory")
     single = make_tiny_checkpoint(root / "single", hidden_size=768, layers=4)
     state = load_file(str(single / "model.safetensors"))
@@ -232,16 +214,10 @@ def load_memory(tiny_ckpt, tmp_path_factory) -> dict:
     shutil.copytree(single, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
     write_sharded_safetensors(state, sharded, torch.bfloat16, "12MB")
     shards = list(sharded.glob("model-*.safetensors"))
-    env = dict(os.environ, PYTHONPATH=str(SRC))
     result = {}
     for name, loader, folder in [("naive", "naive", single), ("single", "ours", single),
                                  ("all_shards_at_once", "all_shards_at_once", sharded), ("sharded", "ours", sharded)]:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, loader, str(tiny_ckpt), str(folder)],
-                             capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        result[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        if "skip" in result[name]:
-            pytest.skip(result[name]["skip"])
+        result[name] = peak_rss_run(MEMORY_SCRIPT, loader, str(tiny_ckpt), str(folder))
     result["weight_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
     result["shard_bytes"] = max(p.stat().st_size for p in shards)
     result["shards"] = len(shards)
