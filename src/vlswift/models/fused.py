@@ -328,7 +328,7 @@ def train_enabled(*tensors: torch.Tensor) -> bool:
 def _rms_norm_backward(ctx, d_summed, d_out):
     x, weight, rstd = ctx.saved_tensors
     n = x.size(-1)
-    x2 = x.reshape(-1, n)
+    x2 = x.reshape(-1, n).contiguous()
     dy = d_out.reshape(-1, n).contiguous() if d_out is not None else torch.zeros_like(x2)
     has_dsum = d_summed is not None
     dsum = d_summed.reshape(-1, n).contiguous() if has_dsum else dy

@@ -165,7 +165,8 @@ class QWenAttention(nn.Module):
         if fused.enabled(qkv) and rope.cos.size(-1) == self.head_dim:
             fused.rotary_qk_(qkv, self.num_heads, rope.cos, rope.sin, rope.logn)
             q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
-        elif fused.train_enabled(qkv) and rope.logn is None and rope.cos.size(-1) == self.head_dim:
+        elif fused.train_enabled(qkv) and rope.logn is None and rope.cos.size(-1) == self.head_dim \
+                and qkv.is_contiguous():
             # q, k, v stay views of one buffer: attention keeps exactly them for backward.
             qkv = fused.rotary_qk_train_(qkv, self.num_heads, rope.cos, rope.sin)
             q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
