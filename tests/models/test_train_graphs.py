@@ -30,6 +30,26 @@ def test_blocks_use_rng_sees_lora_and_attention_dropout():
     assert not blocks_use_rng(nn.Sequential(nn.Dropout(0.05)).eval())
 
 
+@pytest.mark.parametrize("dropout, layers, refused", [(0.1, 1, True), (0.1, None, True), (0.0, 1, False),
+                                                     (0.1, 0, False)])
+def test_refusal_where_dropout_meets_recomputation(tiny_ckpt, dropout, layers, refused):
+    from peft import LoraConfig, get_peft_model
+
+    from vlswift.models.loading import load_pretrained
+
+    base = load_pretrained(tiny_ckpt, torch.float32, "cpu")
+    base.gradient_checkpointing_enable({"layers": layers})
+    base.enable_training_graphs()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=dropout))
+    model.train()
+    reason = base.transformer.training_graphs.refusal()
+    assert (reason is not None) == refused
+    if refused:
+        assert "dropout" in reason and "recompute" in reason
+    model.eval()  # no dropout in eval mode
+    assert base.transformer.training_graphs.refusal() is None
+
+
 def lora_model(folder, graphs: bool, dropout: float = 0.0, layers: int | None = 1):
     from peft import LoraConfig, get_peft_model
 

@@ -425,7 +425,7 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # rotated in place below
         rotary_qk_(grad, ctx.heads, cos, -sin, None)
         return grad, None, None, None
 

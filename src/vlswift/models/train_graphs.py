@@ -73,13 +73,6 @@ class TrainingGraphs:
         self.replays = 0
         self.grad_buffers: list[tuple[nn.Parameter, torch.Tensor]] | None = None
 
-    def clear(self) -> None:
-        """Drop the graphs (their memory returns once ``gc.collect()`` breaks their reference cycles)."""
-        self.graphs.clear()
-        self.refused.clear()
-        self.pool = None
-        self.grad_buffers = None
-
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.owner.h.parameters() if p.requires_grad] + \
             [p for p in self.owner.ln_f.parameters() if p.requires_grad]
@@ -112,11 +105,16 @@ class TrainingGraphs:
         return (self.owner.training and torch.is_grad_enabled() and x.is_cuda and cache is None
                 and isinstance(mask, str) and mask == "causal" and rope.logn is None
                 and type(self.owner.h[0]) is QWenBlock and not torch.cuda.is_current_stream_capturing()
-                and not (self.recomputes() and blocks_use_rng(self.owner.h)))
+                and self.refusal() is None)
 
-    def recomputes(self) -> bool:
-        """Whether some block recomputes its forward in backward (gradient checkpointing)."""
-        return self.owner.gradient_checkpointing and self.owner.checkpoint_layers != 0
+    def refusal(self) -> str | None:
+        """Why no step of the model as it is set up now can be graphed, whatever its inputs (or None)."""
+        owner = self.owner
+        recomputes = owner.gradient_checkpointing and owner.checkpoint_layers != 0
+        if recomputes and blocks_use_rng(owner.h):
+            return ("dropout is active in decoder blocks that recompute in backward (a recomputation "
+                    "replayed from a graph would draw new dropout masks)")
+        return None
 
     def few_trainable(self) -> bool:
         total = sum(p.numel() for p in self.owner.h.parameters())

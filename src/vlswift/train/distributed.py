@@ -82,11 +82,11 @@ def report_error(error: BaseException) -> bool:
     if not folder or not Path(folder).is_dir():
         return False
     kind = next((c.__name__ for c in type(error).__mro__ if c.__name__ in _reported_types()), "ChildProcessError")
+    from .checkpointing import write_json  # it imports this module
+
     rank = int(os.environ.get("RANK", "0"))
-    path = Path(folder) / f"rank{rank}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"rank": rank, "type": kind, "message": str(error) or type(error).__name__}))
-    os.replace(tmp, path)
+    write_json(Path(folder) / f"rank{rank}.json",
+               {"rank": rank, "type": kind, "message": str(error) or type(error).__name__})
     return True
 
 

@@ -206,9 +206,8 @@ class SftRecipe:
             if args.gradient_checkpointing:
                 model.gradient_checkpointing_enable(self.checkpointing_kwargs())
         model.train()
-        self.cuda_graphs = self.use_cuda_graphs()
-        if self.cuda_graphs:
-            (model.get_base_model() if args.sft_type == "lora" else model).enable_training_graphs()
+        self.training_graphs = self.build_training_graphs(model)
+        self.cuda_graphs = self.training_graphs is not None
         if args.fsdp:
             distributed.keep_vision_in_every_step(model)
             return distributed.wrap_fsdp(model, dist)
@@ -222,21 +221,27 @@ class SftRecipe:
         layers = self.args.gradient_checkpointing_layers
         return {"layers": None if layers == -1 else layers}
 
-    def use_cuda_graphs(self) -> bool:
-        """--cuda_graphs where it applies (LoRA, one process, CUDA), with a note where it does not."""
+    def build_training_graphs(self, model):
+        """--cuda_graphs where it applies (LoRA, one process, CUDA): the model's ``TrainingGraphs``,
+        else None with a note saying why."""
         args = self.args
         if not args.cuda_graphs:
-            return False
+            return None
         reason = ("it needs a CUDA device" if self.device.type != "cuda" else
                   "it is for LoRA (--sft_type lora)" if args.sft_type != "lora" else
                   "it is for one process" if self.dist.distributed else None)
-        recomputes = args.gradient_checkpointing and args.gradient_checkpointing_layers != 0
-        if reason is None and recomputes and args.lora_dropout_p > 0:
-            reason = "with gradient checkpointing it needs --lora_dropout_p 0 (a replayed recomputation would draw new dropout masks)"
+        graphs = None
+        if reason is None:
+            base = model.get_base_model()
+            base.enable_training_graphs()
+            graphs = base.transformer.training_graphs
+            if graphs.refusal() is not None:
+                reason = f"{graphs.refusal()}; set --lora_dropout_p 0 (or --gradient_checkpointing_layers 0)"
+                base.disable_training_graphs()
+                graphs = None
         if reason:
             self.say(f"--cuda_graphs true not used: {reason}", warning=True)
-            return False
-        return True
+        return graphs
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices only (not on biases, norms and the like)."""
@@ -346,8 +351,8 @@ class SftRecipe:
             "train_runtime_s": round(time.perf_counter() - started, 3),
         }
         if self.cuda_graphs:
-            graphs = distributed.unwrap(self.model).get_base_model().transformer.training_graphs
-            result["cuda_graph_shapes"], result["cuda_graph_replays"] = graphs.captures, graphs.replays
+            result["cuda_graph_shapes"] = self.training_graphs.captures
+            result["cuda_graph_replays"] = self.training_graphs.replays
         result["checkpoint"] = result["best_model_checkpoint"] or result["last_model_checkpoint"]
         self.log.close(final=result)
         self.say(f"last checkpoint: {result['last_model_checkpoint']}")
